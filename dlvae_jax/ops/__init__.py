@@ -1,0 +1,19 @@
+"""The classical stages of the pipeline as pure, jitted JAX functions."""
+
+from dlvae_jax.ops.histogram import equalize_hist, equalization_lut, histogram
+from dlvae_jax.ops.kmeans import KMeansImageResult, KMeansResult, kmeans, kmeans_image, kmeans_plusplus
+
+__all__ = [
+    "equalize_hist",
+    "equalization_lut",
+    "histogram",
+    "KMeansResult",
+    "KMeansImageResult",
+    "kmeans",
+    "kmeans_image",
+    "kmeans_plusplus",
+]
+
+from dlvae_jax.ops.roi import connected_components, largest_component, remove_small_components, roi_from_clusters
+
+__all__ += ["connected_components", "largest_component", "remove_small_components", "roi_from_clusters"]
