@@ -1,0 +1,363 @@
+"""Index, validate and read the LGG segmentation dataset in its download layout.
+
+Layout (the Kaggle "kaggle_3m" folder, as users download it)::
+
+    DATA_DIR/
+      data.csv                                   optional, one row per patient
+      TCGA_<inst>_<patient>_<date>/              one folder per patient
+        TCGA_<inst>_<patient>_<date>_<n>.tif       image, (H, W, 3) uint8
+        TCGA_<inst>_<patient>_<date>_<n>_mask.tif  mask,  (H, W) uint8 in {0, 255}
+
+Image channels are (pre-contrast, FLAIR, post-contrast); the paper's grayscale
+input is FLAIR, channel 1. The patient id is ``TCGA_<inst>_<patient>`` (the key
+used by data.csv) and the institution is ``<inst>``.
+
+`scan` reads every TIFF once so that a bad file is reported before anything is
+written downstream; with ``skip_bad=True`` bad slices are dropped and listed in
+``index.skipped`` instead of raising.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import tifffile
+
+from dlvae_jax.errors import DataError
+
+CHANNEL_NAMES = ("pre-contrast", "FLAIR", "post-contrast")
+FLAIR_CHANNEL = 1
+CHANNEL_CHOICES = ("flair", "all")
+
+_PATIENT_DIR_RE = re.compile(r"^TCGA_([A-Za-z0-9]+)_([A-Za-z0-9]+)_(\d{8})$")
+
+
+class DataWarning(UserWarning):
+    """A dataset oddity that does not stop reading (e.g. a gap in slice numbers)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceRecord:
+    """One axial slice: an image TIFF and its mask TIFF."""
+
+    path: Path
+    mask_path: Path
+    patient: str          # "TCGA_<inst>_<patient>", the data.csv key
+    institution: str      # "<inst>", e.g. "CS", "DU"
+    slice_number: int     # the <n> of the file name, 1-based in the download
+    has_tumor: bool       # mask has at least one nonzero pixel
+
+
+@dataclasses.dataclass
+class LggIndex:
+    """All valid slices of a dataset folder, ordered by (patient, slice_number).
+
+    ``image_shape`` is the (H, W, 3) shape shared by every image; ``warnings``
+    holds non-fatal findings; ``skipped`` holds (path, fault) of every file
+    dropped under ``skip_bad=True``.
+    """
+
+    root: Path
+    records: tuple[SliceRecord, ...]
+    image_shape: tuple[int, int, int]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[SliceRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({r.patient for r in self.records})
+
+    @property
+    def institutions(self) -> dict[str, int]:
+        """Institution -> number of patients."""
+        out: dict[str, set[str]] = {}
+        for r in self.records:
+            out.setdefault(r.institution, set()).add(r.patient)
+        return {k: len(v) for k, v in sorted(out.items())}
+
+    @property
+    def n_tumor_slices(self) -> int:
+        return sum(r.has_tumor for r in self.records)
+
+    def patient_info(self) -> dict[str, dict]:
+        """Patient -> {institution, slices, tumor_slices}."""
+        info: dict[str, dict] = {}
+        for r in self.records:
+            d = info.setdefault(r.patient, {"institution": r.institution, "slices": 0, "tumor_slices": 0})
+            d["slices"] += 1
+            d["tumor_slices"] += int(r.has_tumor)
+        return dict(sorted(info.items()))
+
+    def for_patients(self, patients: Iterable[str]) -> list[SliceRecord]:
+        keep = set(patients)
+        return [r for r in self.records if r.patient in keep]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """Reads a TIFF or raises DataError naming the file; catches every decoder fault."""
+    try:
+        return tifffile.imread(path)
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise DataError(f"{path}: unreadable or truncated TIFF ({type(err).__name__}: {err})") from None
+
+
+def _check_image(path: Path, image: np.ndarray) -> None:
+    if image.dtype != np.uint8:
+        raise DataError(f"{path}: image dtype is {image.dtype}, expected uint8")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"{path}: image shape is {image.shape}, expected (H, W, 3)")
+
+
+def _check_mask(path: Path, mask: np.ndarray) -> bool:
+    """Validates a mask; returns whether it marks any tumor pixel."""
+    if mask.dtype != np.uint8:
+        raise DataError(f"{path}: mask dtype is {mask.dtype}, expected uint8")
+    if mask.ndim != 2:
+        raise DataError(f"{path}: mask shape is {mask.shape}, expected (H, W)")
+    counts = np.bincount(mask.ravel(), minlength=256)
+    values = np.flatnonzero(counts)
+    extra = set(values.tolist()) - {0, 1, 255}
+    if extra or (counts[1] and counts[255]):
+        raise DataError(
+            f"{path}: mask values {values.tolist()[:8]} are not binary, expected {{0, 255}} or {{0, 1}}"
+        )
+    return bool(values.size > 1 or values[0] != 0)
+
+
+def _validate_pair(image_path: Path, mask_path: Path) -> tuple[tuple[int, ...], bool]:
+    """Reads and checks one slice; returns (image shape, has_tumor) or raises DataError."""
+    image = _read_tiff(image_path)
+    _check_image(image_path, image)
+    mask = _read_tiff(mask_path)
+    has_tumor = _check_mask(mask_path, mask)
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"{mask_path}: mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+    return image.shape, has_tumor
+
+
+def load_slice(record: SliceRecord, channels: str = "flair") -> tuple[np.ndarray, np.ndarray]:
+    """Loads one slice.
+
+    Returns (image, mask): image uint8 [H, W] for ``channels="flair"`` or
+    [H, W, 3] (pre-contrast, FLAIR, post-contrast) for ``"all"``; mask uint8
+    [H, W] in {0, 1}.
+    """
+    if channels not in CHANNEL_CHOICES:
+        raise ValueError(f"channels must be one of {CHANNEL_CHOICES}, got {channels!r}")
+    image = _read_tiff(record.path)
+    _check_image(record.path, image)
+    mask = _read_tiff(record.mask_path)
+    _check_mask(record.mask_path, mask)
+    if channels == "flair":
+        image = np.ascontiguousarray(image[:, :, FLAIR_CHANNEL])
+    return image, (mask > 0).astype(np.uint8)
+
+
+def load_arrays(
+    records: Sequence[SliceRecord], channels: str = "flair", num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads many slices into stacked arrays.
+
+    Returns (images_NxHxW or images_NxHxWx3 uint8, masks_NxHxW uint8 in {0, 1}).
+    TIFF decoding (zlib) releases the GIL, so a thread pool uses all cores.
+    """
+    if not records:
+        raise DataError("no slices to load")
+    workers = num_threads or min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        pairs = list(pool.map(lambda r: load_slice(r, channels), records))
+    images = np.stack([p[0] for p in pairs])
+    masks = np.stack([p[1] for p in pairs])
+    return images, masks
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def _read_csv_patients(csv_path: Path) -> set[str] | None:
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "Patient" not in reader.fieldnames:
+                raise DataError(f"{csv_path}: no 'Patient' column in header {reader.fieldnames}")
+            return {row["Patient"] for row in reader if row.get("Patient")}
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: unreadable CSV ({err})") from None
+
+
+def scan(
+    data_dir: str | os.PathLike,
+    skip_bad: bool = False,
+    validate: bool = True,
+    num_threads: int | None = None,
+    progress: bool = False,
+) -> LggIndex:
+    """Scans a dataset folder in the LGG layout into an `LggIndex`.
+
+    Every image and mask is read and checked (dtype uint8, image (H, W, 3),
+    mask (H, W) with values {0, 255} or {0, 1}, one H x W for the whole
+    dataset) unless ``validate=False``, in which case ``has_tumor`` is still
+    computed from the masks but images are not opened.
+
+    Raises DataError naming the file and the fault for the first bad file; with
+    ``skip_bad=True`` bad slices are dropped and recorded in ``index.skipped``.
+    An empty folder, a folder without patient folders, or (after skipping) no
+    valid slice at all is always an error. Gaps in slice numbers and unknown
+    entries are warnings (``DataWarning`` and ``index.warnings``).
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    if not entries:
+        raise DataError(f"{root}: empty folder, expected patient folders TCGA_<inst>_<patient>_<date>/")
+
+    notes: list[str] = []
+    faults: list[tuple[str, str]] = []  # (path, message), in deterministic order
+    patient_dirs = []
+    for entry in entries:
+        if entry.is_dir() and _PATIENT_DIR_RE.match(entry.name):
+            patient_dirs.append(entry)
+        elif entry.name != "data.csv":
+            notes.append(f"{entry}: not a patient folder (TCGA_<inst>_<patient>_<date>), ignored")
+    if not patient_dirs:
+        raise DataError(f"{root}: no patient folders named TCGA_<inst>_<patient>_<date>")
+
+    # Pair images and masks by slice number inside each patient folder.
+    candidates: list[tuple[Path, Path, str, str, int]] = []
+    for pdir in patient_dirs:
+        m = _PATIENT_DIR_RE.match(pdir.name)
+        inst, pid = m.group(1), f"TCGA_{m.group(1)}_{m.group(2)}"
+        file_re = re.compile(rf"^{re.escape(pdir.name)}_(\d+)(_mask)?\.tiff?$")
+        images: dict[int, Path] = {}
+        masks: dict[int, Path] = {}
+        for f in sorted(pdir.iterdir()):
+            if f.name.startswith("."):
+                continue
+            fm = file_re.match(f.name)
+            if not fm or not f.is_file():
+                if f.suffix.lower() in (".tif", ".tiff"):
+                    faults.append((str(f), f"{f}: file name does not match {pdir.name}_<n>.tif or {pdir.name}_<n>_mask.tif"))
+                else:
+                    notes.append(f"{f}: not a slice TIFF, ignored")
+                continue
+            (masks if fm.group(2) else images)[int(fm.group(1))] = f
+        for n in sorted(set(images) | set(masks)):
+            if n not in masks:
+                faults.append((str(images[n]), f"{images[n]}: image has no mask (expected {pdir.name}_{n}_mask.tif)"))
+            elif n not in images:
+                faults.append((str(masks[n]), f"{masks[n]}: mask has no image (expected {pdir.name}_{n}.tif)"))
+            else:
+                candidates.append((images[n], masks[n], pid, inst, n))
+        if not images and not masks:
+            faults.append((str(pdir), f"{pdir}: patient folder has no slices"))
+
+    # Read everything once (threads: zlib decoding releases the GIL).
+    def check(c):
+        image_path, mask_path = c[0], c[1]
+        try:
+            if validate:
+                return _validate_pair(image_path, mask_path)
+            mask = _read_tiff(mask_path)
+            return None, _check_mask(mask_path, mask)
+        except DataError as err:
+            return err
+
+    workers = num_threads or min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        results_iter = pool.map(check, candidates)
+        if progress:
+            from tqdm import tqdm
+
+            results_iter = tqdm(results_iter, total=len(candidates), desc="checking slices", unit="slice")
+        results = list(results_iter)
+
+    records: list[SliceRecord] = []
+    shape: tuple[int, ...] | None = None
+    for c, res in zip(candidates, results):
+        if isinstance(res, DataError):
+            msg = str(res)
+            faults.append((msg.split(": ", 1)[0], msg))
+            continue
+        img_shape, has_tumor = res
+        if img_shape is not None:
+            if shape is None:
+                shape = img_shape
+            elif img_shape != shape:
+                faults.append((str(c[0]), f"{c[0]}: image shape {img_shape} differs from the dataset's {shape}"))
+                continue
+        records.append(SliceRecord(c[0], c[1], c[2], c[3], c[4], has_tumor))
+
+    if faults and not skip_bad:
+        more = f" (and {len(faults) - 1} more problems; --skip-bad skips bad slices)" if len(faults) > 1 else ""
+        raise DataError(faults[0][1] + more)
+    if not records:
+        raise DataError(f"{root}: no valid slices")
+    if shape is None:  # validate=False: take the shape from one image
+        shape = _read_tiff(records[0].path).shape
+
+    records.sort(key=lambda r: (r.patient, r.slice_number))
+    by_patient: dict[str, list[int]] = {}
+    for r in records:
+        by_patient.setdefault(r.patient, []).append(r.slice_number)
+    for pid, numbers in by_patient.items():
+        # The download numbers slices 1..n; anything absent in between is a gap.
+        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+        if missing:
+            notes.append(f"{pid}: gap in slice numbers, missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+
+    csv_path = root / "data.csv"
+    if csv_path.is_file():
+        listed = _read_csv_patients(csv_path)
+        found = set(by_patient)
+        if found - listed:
+            notes.append(f"{csv_path}: patients with folders but no row: {sorted(found - listed)[:10]}")
+
+    for note in notes:
+        warnings.warn(note, DataWarning, stacklevel=2)
+    return LggIndex(
+        root=root,
+        records=tuple(records),
+        image_shape=tuple(shape),
+        warnings=notes,
+        skipped=[(p, m) for p, m in faults],
+    )
+
+
+def summary_lines(index: LggIndex) -> list[str]:
+    """Human-readable summary used by `dlvae-jax data check`."""
+    h, w, c = index.image_shape
+    info = index.patient_info()
+    no_tumor = sum(1 for d in info.values() if d["tumor_slices"] == 0)
+    insts = ", ".join(f"{k} ({v})" for k, v in index.institutions.items())
+    return [
+        f"data dir: {index.root}",
+        f"patients: {len(info)} ({no_tumor} without tumor slices)",
+        f"slices: {len(index)}",
+        f"slices with tumor: {index.n_tumor_slices}",
+        f"institutions: {len(index.institutions)}: {insts}",
+        f"image: {h}x{w}x{c} uint8, channels: {', '.join(CHANNEL_NAMES)} (default input: flair = channel {FLAIR_CHANNEL})",
+        f"mask: {h}x{w} uint8, tumor = nonzero",
+    ]

@@ -1,0 +1,167 @@
+"""grain input pipeline from the `lgg_mri` array_record source to device batches.
+
+Host batches are dicts of NumPy arrays (B = per-process batch size):
+
+    image   uint8 [B, H, W]  (channels="flair") or [B, H, W, 3] ("all")
+    mask    uint8 [B, H, W]  {0, 1}
+    valid   bool  [B]        False on evaluation padding
+    index   int32 [B]        record index within the split, -1 on padding
+
+Training: one global permutation per epoch (same seed on every process,
+reseeded each epoch by grain), truncated to a multiple of the global batch so
+every process yields the same number of batches (drop-remainder), then split
+across processes with a stride. Evaluation: no shuffle; the split is padded up
+to a multiple of the global batch and padding carries valid=False, so every
+slice is visited exactly once whatever the batch size.
+
+`to_global` places a host batch on the devices as global `jax.Array`s sharded
+on the batch axis (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Iterator
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlvae_jax.data import tfds_lgg
+from dlvae_jax.data.lgg import CHANNEL_CHOICES, FLAIR_CHANNEL
+from dlvae_jax.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's slot: index in [0, count)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def from_jax(cls) -> "Shard":
+        opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+        return cls(opts.shard_index, opts.shard_count)
+
+
+class BatchLoader:
+    """Maps an int array of record indices [B] (-1 = padding) to a host batch.
+
+    Reads raw records in one call and decodes them with `tfds_lgg.decode_raw`
+    straight into preallocated batch arrays.
+    """
+
+    def __init__(self, tfds_dir: str | os.PathLike, split: str, channels: str = "flair"):
+        if channels not in CHANNEL_CHOICES:
+            raise ValueError(f"channels must be one of {CHANNEL_CHOICES}, got {channels!r}")
+        self.source = tfds_lgg.raw_source(tfds_dir, split)
+        self.size = tfds_lgg.built_image_size(tfds_dir)
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __call__(self, index_B: np.ndarray) -> dict[str, np.ndarray]:
+        index_B = np.asarray(index_B, np.int64)
+        b, s = len(index_B), self.size
+        shape = (b, s, s) if self.channels == "flair" else (b, s, s, 3)
+        images = np.zeros(shape, np.uint8)
+        masks = np.zeros((b, s, s), np.uint8)
+        valid_B = index_B >= 0
+        rows = np.flatnonzero(valid_B)
+        if rows.size:
+            records = self.source.__getitems__(index_B[rows].tolist())
+            for row, rec in zip(rows, records):
+                ex = tfds_lgg.decode_raw(rec, s)
+                images[row] = ex["image"][..., FLAIR_CHANNEL] if self.channels == "flair" else ex["image"]
+                masks[row] = ex["mask"]
+        return {"image": images, "mask": masks, "valid": valid_B, "index": index_B.astype(np.int32)}
+
+
+def _local_batch(global_batch_size: int, shard: Shard) -> int:
+    if global_batch_size % shard.count:
+        raise DataError(f"global batch size {global_batch_size} is not divisible by {shard.count} processes")
+    return global_batch_size // shard.count
+
+
+def train_dataset(
+    tfds_dir: str | os.PathLike,
+    split: str = "train",
+    global_batch_size: int = 64,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    channels: str = "flair",
+    shard: Shard | None = None,
+) -> grain.MapDataset:
+    """Shuffled training batches for this process; `num_epochs=None` repeats forever."""
+    shard = shard or Shard.from_jax()
+    b = _local_batch(global_batch_size, shard)
+    loader = BatchLoader(tfds_dir, split, channels)
+    n_used = len(loader) // global_batch_size * global_batch_size
+    if n_used == 0:
+        raise DataError(f"split {split!r} has {len(loader)} slices, fewer than one batch of {global_batch_size}")
+    ds = grain.MapDataset.range(len(loader)).shuffle(seed=seed)[:n_used][shard.index::shard.count]
+    ds = ds.batch(b, drop_remainder=True)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)  # grain reseeds the shuffle each epoch
+    return ds.map(loader)
+
+
+def eval_indices(n: int, global_batch_size: int, shard: Shard) -> np.ndarray:
+    """Record indices [num_batches * B] of this process for evaluation, -1 for padding.
+
+    Global position i (of ceil(n / G) * G) goes to process (i % G) // B, so the
+    processes together cover 0..n-1 exactly once.
+    """
+    b = _local_batch(global_batch_size, shard)
+    n_batches = -(-n // global_batch_size)
+    pos = (np.arange(n_batches)[:, None] * global_batch_size + shard.index * b + np.arange(b)[None, :]).ravel()
+    return np.where(pos < n, pos, -1)
+
+
+def eval_dataset(
+    tfds_dir: str | os.PathLike,
+    split: str = "validation",
+    global_batch_size: int = 64,
+    channels: str = "flair",
+    shard: Shard | None = None,
+) -> grain.MapDataset:
+    """Evaluation batches for this process in record order, padded with valid=False."""
+    shard = shard or Shard.from_jax()
+    b = _local_batch(global_batch_size, shard)
+    loader = BatchLoader(tfds_dir, split, channels)
+    idx = eval_indices(len(loader), global_batch_size, shard)
+    return grain.MapDataset.source(idx).batch(b).map(loader)
+
+
+def host_iterator(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+    """Iterates `ds` with `num_threads` reader threads and `prefetch` batches in flight."""
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+
+
+def data_mesh(devices=None) -> Mesh:
+    """1-D mesh over all (global) devices with the batch axis named "data"."""
+    devices = devices if devices is not None else jax.devices()
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host batch (this process's rows) -> global arrays sharded on axis 0."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def device_iterator(batches: Iterable[dict], sharding: NamedSharding, prefetch: int = 2) -> Iterator[dict]:
+    """Yields global device batches, keeping `prefetch` transfers in flight ahead of the consumer."""
+    queue: list[dict] = []
+    for batch in batches:
+        queue.append(to_global(batch, sharding))
+        if len(queue) > prefetch:
+            yield queue.pop(0)
+    yield from queue

@@ -1,0 +1,79 @@
+"""On-device augmentation."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from dlvae_jax.data.augment import AugmentConfig, augment_batch
+
+NONE = AugmentConfig(p_flip_lr=0.0, max_rotate_deg=0.0, max_scale=0.0, max_contrast=0.0, max_brightness=0.0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 48, 40), dtype=np.uint8)
+    masks = np.zeros((6, 48, 40), np.uint8)
+    masks[:, 10:20, 5:30] = 1
+    return images, masks
+
+
+def test_identity_and_flips_match_numpy(batch):
+    images, masks = batch
+    ref = images.astype(np.float32) / 255.0
+    out, m = augment_batch(jax.random.key(0), images, masks, NONE)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m), masks)
+    cfg = AugmentConfig(p_flip_lr=1.0, p_flip_ud=1.0, max_rotate_deg=0.0, max_scale=0.0,
+                        max_contrast=0.0, max_brightness=0.0)
+    out, m = augment_batch(jax.random.key(0), images, masks, cfg)
+    np.testing.assert_allclose(np.asarray(out), ref[:, ::-1, ::-1], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m), masks[:, ::-1, ::-1])
+
+
+def test_image_and_mask_share_the_geometry(batch):
+    _, masks = batch
+    cfg = AugmentConfig(max_rotate_deg=15.0, max_scale=0.2, max_contrast=0.0, max_brightness=0.0, image_order=0)
+    # An image equal to the mask must come out equal to the transformed mask.
+    out, m = augment_batch(jax.random.key(1), masks * 255, masks, cfg)
+    np.testing.assert_array_equal(np.rint(np.asarray(out)).astype(np.uint8), np.asarray(m))
+    assert set(np.unique(np.asarray(m))) <= {0, 1}
+    assert not np.array_equal(np.asarray(m), masks)  # the transform did something
+
+
+def test_per_example_keys(batch):
+    images, masks = batch
+    a, _ = augment_batch(jax.random.key(5), images, masks)
+    b, _ = augment_batch(jax.random.key(5), images, masks)
+    c, _ = augment_batch(jax.random.key(6), images, masks)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+    # Same input in every row, still different outputs: each example draws its own parameters.
+    same = np.repeat(images[:1], 6, axis=0)
+    d, _ = augment_batch(jax.random.key(5), same, np.repeat(masks[:1], 6, axis=0))
+    d = np.asarray(d)
+    assert all(not np.allclose(d[0], d[i]) for i in range(1, 6))
+    assert d.dtype == np.float32 and d.min() >= 0.0 and d.max() <= 1.0
+
+
+def test_intensity_jitter_is_affine(batch):
+    images, masks = batch
+    cfg = AugmentConfig(p_flip_lr=0.0, max_rotate_deg=0.0, max_scale=0.0, max_contrast=0.2, max_brightness=0.1)
+    out = np.asarray(augment_batch(jax.random.key(2), images // 2 + 40, masks, cfg)[0]).astype(np.float64)
+    x = (images // 2 + 40).astype(np.float64) / 255.0
+    for i in range(len(out)):
+        gain, offset = np.polyfit(x[i].ravel(), out[i].ravel(), 1)
+        assert 0.8 - 1e-4 <= gain <= 1.2 + 1e-4 and abs(offset) <= 0.1 + 1e-4
+        np.testing.assert_allclose(out[i], gain * x[i] + offset, atol=1e-5)
+
+
+def test_all_channels(batch):
+    images, masks = batch
+    rgb = np.stack([images, images // 2, 255 - images], -1)
+    out, m = augment_batch(jax.random.key(3), rgb, masks)
+    one, m1 = augment_batch(jax.random.key(3), images, masks)
+    assert out.shape == rgb.shape
+    np.testing.assert_allclose(np.asarray(out)[..., 0], np.asarray(one), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(m1))
