@@ -5,6 +5,10 @@ averaged over the batch; `total_loss` mixes them with the weights of a
 `LossConfig`. All terms are computed in float32 whatever the model's
 computation dtype.
 
+Every term takes an optional `valid_B` (bool or 0/1, (B,)): the batch mean is
+then over the valid rows only, so the padding rows of an evaluation batch
+(`valid=False` in `dlvae_jax.data.pipeline`) do not count.
+
 Terms (keys of `LossConfig.weights()` and of the logged dict):
   kl                     Eq. 6, the four latents against N(0, I), with beta
                          warm-up and free bits
@@ -32,6 +36,14 @@ def _f32(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
+def _batch_mean(x_B: jax.Array, valid_B: jax.Array | None = None) -> jax.Array:
+    """Mean over axis 0, over the rows where `valid_B` is true (0 if none are)."""
+    if valid_B is None:
+        return jnp.mean(x_B, axis=0)
+    w = _f32(valid_B).reshape((-1,) + (1,) * (x_B.ndim - 1))
+    return jnp.sum(x_B * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 # ---------------------------------------------------------------- KL (Eq. 6)
 
 
@@ -48,6 +60,7 @@ def kl(
     means: tuple[jax.Array, ...] | list[jax.Array],
     logvars: tuple[jax.Array, ...] | list[jax.Array],
     free_bits: float | jax.Array = 0.0,
+    valid_B: jax.Array | None = None,
 ) -> jax.Array:
     """Eq. 6: sum over latents of KL(q(z | x, y) || N(0, I)), batch mean, in nats.
 
@@ -59,7 +72,7 @@ def kl(
     """
     total = jnp.zeros((), jnp.float32)
     for mean, logvar in zip(means, logvars, strict=True):
-        per_dim_D = jnp.mean(kl_per_dim(mean, logvar), axis=0)
+        per_dim_D = _batch_mean(kl_per_dim(mean, logvar), valid_B)
         total = total + jnp.sum(jnp.maximum(per_dim_D, free_bits))
     return total
 
@@ -83,7 +96,9 @@ def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
-def reconstruction_view(logits_BxHxWxC: jax.Array, target_BxHxWxC: jax.Array, kind: str = "l2") -> jax.Array:
+def reconstruction_view(
+    logits_BxHxWxC: jax.Array, target_BxHxWxC: jax.Array, kind: str = "l2", valid_B: jax.Array | None = None
+) -> jax.Array:
     """One view's reconstruction error, mean over pixels and channels, batch mean.
 
     The decoder emits logits; the reconstruction is sigmoid(logits) in [0, 1].
@@ -93,13 +108,13 @@ def reconstruction_view(logits_BxHxWxC: jax.Array, target_BxHxWxC: jax.Array, ki
     not depend on the image size (the weight absorbs the constant).
     """
     if kind == "bce":
-        return jnp.mean(_bce_with_logits(logits_BxHxWxC, target_BxHxWxC))
-    diff = jax.nn.sigmoid(_f32(logits_BxHxWxC)) - _f32(target_BxHxWxC)
-    if kind == "l2":
-        return jnp.mean(jnp.square(diff))
-    if kind == "l1":
-        return jnp.mean(jnp.abs(diff))
-    raise ValueError(f"unknown reconstruction kind {kind!r}; expected one of {RECONSTRUCTION_KINDS}")
+        err = _bce_with_logits(logits_BxHxWxC, target_BxHxWxC)
+    elif kind in ("l2", "l1"):
+        diff = jax.nn.sigmoid(_f32(logits_BxHxWxC)) - _f32(target_BxHxWxC)
+        err = jnp.square(diff) if kind == "l2" else jnp.abs(diff)
+    else:
+        raise ValueError(f"unknown reconstruction kind {kind!r}; expected one of {RECONSTRUCTION_KINDS}")
+    return _batch_mean(jnp.mean(err, axis=(1, 2, 3)), valid_B)
 
 
 def reconstruction(
@@ -108,16 +123,21 @@ def reconstruction(
     recon_b2_logits: jax.Array,
     target_b2: jax.Array,
     kind: str = "l2",
+    valid_B: jax.Array | None = None,
 ) -> jax.Array:
     """Eq. 7: reconstruction error of view B1 (equalized slice, (B,H,W,C)) plus
     view B2 (one-hot K-means cluster map, (B,H,W,K))."""
-    return reconstruction_view(recon_b1_logits, image_b1, kind) + reconstruction_view(recon_b2_logits, target_b2, kind)
+    return reconstruction_view(recon_b1_logits, image_b1, kind, valid_B) + reconstruction_view(
+        recon_b2_logits, target_b2, kind, valid_B
+    )
 
 
 # -------------------------------------------------------------- cosine (Eq. 8)
 
 
-def cosine(shared_b1_BxD: jax.Array, shared_b2_BxD: jax.Array, eps: float = 1e-8) -> jax.Array:
+def cosine(
+    shared_b1_BxD: jax.Array, shared_b2_BxD: jax.Array, eps: float = 1e-8, valid_B: jax.Array | None = None
+) -> jax.Array:
     """Eq. 8 as a loss: batch mean of 1 - cos(z_pv, z_qv).
 
     Pulls the shared latents of the two views together (0 when parallel, 2
@@ -126,24 +146,26 @@ def cosine(shared_b1_BxD: jax.Array, shared_b2_BxD: jax.Array, eps: float = 1e-8
     a, b = _f32(shared_b1_BxD), _f32(shared_b2_BxD)
     dot = jnp.sum(a * b, axis=-1)
     norms = jnp.sqrt(jnp.sum(a * a, axis=-1) + eps) * jnp.sqrt(jnp.sum(b * b, axis=-1) + eps)
-    return jnp.mean(1.0 - dot / norms)
+    return _batch_mean(1.0 - dot / norms, valid_B)
 
 
 # ------------------------------------------------------ classification (Eq. 9)
 
 
-def classification(logits_BxK: jax.Array, labels_B: jax.Array) -> jax.Array:
+def classification(logits_BxK: jax.Array, labels_B: jax.Array, valid_B: jax.Array | None = None) -> jax.Array:
     """Eq. 9: softmax cross-entropy -sum_k x_k log softmax(logits)_k with x the
     one-hot of the integer labels, batch mean, in nats."""
     logp = jax.nn.log_softmax(_f32(logits_BxK), axis=-1)
     onehot = jax.nn.one_hot(labels_B, logits_BxK.shape[-1], dtype=jnp.float32)
-    return jnp.mean(-jnp.sum(onehot * logp, axis=-1))
+    return _batch_mean(-jnp.sum(onehot * logp, axis=-1), valid_B)
 
 
 # ------------------------------------------------------------- segmentation
 
 
-def soft_dice_loss(mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: float = 1.0) -> jax.Array:
+def soft_dice_loss(
+    mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: float = 1.0, valid_B: jax.Array | None = None
+) -> jax.Array:
     """1 - soft Dice of sigmoid(logits) against the binary mask, per slice, batch mean.
 
     Dice = (2 sum(p t) + smooth) / (sum p + sum t + smooth); `smooth` makes an
@@ -153,21 +175,25 @@ def soft_dice_loss(mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: 
     t = _f32(mask_BxHxW)
     inter = jnp.sum(p * t, axis=(1, 2))
     denom = jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))
-    return jnp.mean(1.0 - (2.0 * inter + smooth) / (denom + smooth))
+    return _batch_mean(1.0 - (2.0 * inter + smooth) / (denom + smooth), valid_B)
 
 
-def pixel_bce(mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array) -> jax.Array:
+def pixel_bce(mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, valid_B: jax.Array | None = None) -> jax.Array:
     """Binary cross-entropy per pixel, mean over pixels and batch, in nats."""
-    return jnp.mean(_bce_with_logits(mask_logits_BxHxW, mask_BxHxW))
+    return _batch_mean(jnp.mean(_bce_with_logits(mask_logits_BxHxW, mask_BxHxW), axis=(1, 2)), valid_B)
 
 
 def segmentation(
-    mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0
+    mask_logits_BxHxW: jax.Array,
+    mask_BxHxW: jax.Array,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+    smooth: float = 1.0,
+    valid_B: jax.Array | None = None,
 ) -> jax.Array:
     """Soft Dice loss + pixel BCE (weights inside the term; both 1 by default)."""
-    return dice_weight * soft_dice_loss(mask_logits_BxHxW, mask_BxHxW, smooth) + bce_weight * pixel_bce(
-        mask_logits_BxHxW, mask_BxHxW
-    )
+    dice = soft_dice_loss(mask_logits_BxHxW, mask_BxHxW, smooth, valid_B)
+    return dice_weight * dice + bce_weight * pixel_bce(mask_logits_BxHxW, mask_BxHxW, valid_B)
 
 
 # ------------------------------------------------------------- configuration
@@ -228,7 +254,9 @@ def total_loss(
       `latent_logvars` (dicts keyed pp, pv, qq, qv), `z_pv_BxD`, `z_qv_BxD`,
       `recon_b1_logits_BxHxWxC`, `recon_b2_logits_BxHxWxK`, `latent_logits_Bx2`.
     batch: `image_BxHxWxC` in [0, 1], `clusters_BxHxW` int, `label_B` int 0/1,
-      optional `mask_BxHxW` in {0, 1} (segmentation is skipped without it).
+      optional `mask_BxHxW` in {0, 1} (segmentation is skipped without it),
+      optional `valid_B` bool (rows where it is false, e.g. evaluation
+      padding, are left out of every batch mean).
     step: training step, for the KL warm-up.
 
     Returns (total float32 scalar, logs): logs hold each computed term
@@ -238,6 +266,7 @@ def total_loss(
     logs: dict[str, jax.Array] = {}
     weights = config.weights()
     label_B = batch.get("label_B")
+    valid_B = batch.get("valid_B")
 
     if "latent_means" in outputs:
         names = ("pp", "pv", "qq", "qv")
@@ -245,6 +274,7 @@ def total_loss(
             [outputs["latent_means"][n] for n in names],
             [outputs["latent_logvars"][n] for n in names],
             config.free_bits,
+            valid_B,
         )
         logs["kl_beta"] = kl_beta(step, config.kl_warmup_steps)
     if "recon_b1_logits_BxHxWxC" in outputs:
@@ -256,16 +286,17 @@ def total_loss(
             outputs["recon_b2_logits_BxHxWxK"],
             target_b2,
             config.reconstruction_kind,
+            valid_B,
         )
     if "z_pv_BxD" in outputs:
-        logs["cosine"] = cosine(outputs["z_pv_BxD"], outputs["z_qv_BxD"])
+        logs["cosine"] = cosine(outputs["z_pv_BxD"], outputs["z_qv_BxD"], valid_B=valid_B)
     if "latent_logits_Bx2" in outputs and label_B is not None:
-        logs["latent_classification"] = classification(outputs["latent_logits_Bx2"], label_B)
+        logs["latent_classification"] = classification(outputs["latent_logits_Bx2"], label_B, valid_B)
     if "logits_Bx2" in outputs and label_B is not None:
-        logs["classification"] = classification(outputs["logits_Bx2"], label_B)
+        logs["classification"] = classification(outputs["logits_Bx2"], label_B, valid_B)
     if "mask_logits_BxHxW" in outputs and batch.get("mask_BxHxW") is not None:
-        dice = soft_dice_loss(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], config.dice_smooth)
-        bce = pixel_bce(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"])
+        dice = soft_dice_loss(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], config.dice_smooth, valid_B)
+        bce = pixel_bce(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], valid_B)
         logs["segmentation_dice"] = dice
         logs["segmentation_bce"] = bce
         logs["segmentation"] = config.seg_dice_weight * dice + config.seg_bce_weight * bce

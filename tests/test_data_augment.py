@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from dlvae_jax.data.augment import AugmentConfig, augment_batch
+from dlvae_jax.data.augment import AugmentConfig, _source_coords, _warp, augment_batch
 
 NONE = AugmentConfig(p_flip_lr=0.0, max_rotate_deg=0.0, max_scale=0.0, max_contrast=0.0, max_brightness=0.0)
 
@@ -33,6 +35,26 @@ def test_identity_and_flips_match_numpy(batch):
     np.testing.assert_array_equal(np.asarray(m), masks[:, ::-1, ::-1])
 
 
+def _warp_np(image, order, angle=0.0, scale=1.0, flip_lr=False):
+    p = {"flip_lr": flip_lr, "flip_ud": False, "angle": angle, "scale": scale}
+    return np.asarray(_warp(jnp.asarray(image, jnp.float32), _source_coords(*image.shape, p), order))
+
+
+def test_geometry_matches_numpy_and_scipy(batch):
+    """The resampling against independent references: np.rot90 for a quarter
+    turn (pins the direction), SciPy's affine_transform (bilinear and nearest,
+    zero outside the source) for an arbitrary rotation + scaling about the centre."""
+    img = batch[0][0].astype(np.float64)  # 48 x 40
+    square = img[:40]
+    np.testing.assert_allclose(_warp_np(square, 1, angle=np.pi / 2), np.rot90(square, -1), atol=1e-3)
+    np.testing.assert_array_equal(_warp_np(img, 0, flip_lr=True), img[:, ::-1])
+    centre = (np.array(img.shape) - 1) / 2
+    for order, angle, scale in [(1, np.deg2rad(20.0), 1.15), (0, np.deg2rad(-7.0), 0.85)]:
+        inv = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+        ref = ndimage.affine_transform(img, inv, offset=centre - inv @ centre, order=order, mode="grid-constant")
+        np.testing.assert_allclose(_warp_np(img, order, angle, scale), ref, atol=2e-3)
+
+
 def test_image_and_mask_share_the_geometry(batch):
     _, masks = batch
     cfg = AugmentConfig(max_rotate_deg=15.0, max_scale=0.2, max_contrast=0.0, max_brightness=0.0, image_order=0)
@@ -56,6 +78,9 @@ def test_per_example_keys(batch):
     d = np.asarray(d)
     assert all(not np.allclose(d[0], d[i]) for i in range(1, 6))
     assert d.dtype == np.float32 and d.min() >= 0.0 and d.max() <= 1.0
+    # An example's transform does not depend on the batch size either.
+    e, _ = augment_batch(jax.random.key(5), images[:3], masks[:3])
+    np.testing.assert_array_equal(np.asarray(e), np.asarray(a)[:3])
 
 
 def test_intensity_jitter_is_affine(batch):

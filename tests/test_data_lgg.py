@@ -119,6 +119,13 @@ def _image_2d(root):
     return _img(root)
 
 
+def _first_slice_other_size(root):
+    # The very first slice scanned is the odd one: it, not the rest, is reported.
+    tifffile.imwrite(_img(root, 1), tifffile.imread(_img(root, 1))[:32, :32])
+    tifffile.imwrite(_mask(root, 1), tifffile.imread(_mask(root, 1))[:32, :32])
+    return _img(root, 1)
+
+
 def _empty(root):
     shutil.rmtree(root)
     root.mkdir()
@@ -141,6 +148,7 @@ CORRUPTIONS = {
     "mask_value_7": (_mask_value_7, "not binary"),
     "image_uint16": (_image_uint16, "dtype"),
     "image_without_channels": (_image_2d, "image shape"),
+    "image_other_size": (_first_slice_other_size, "differs from the dataset's"),
     "empty_folder": (_empty, "empty folder"),
     "no_patients": (_no_patients, "no patient folders"),
 }
@@ -163,8 +171,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(name, copy_dir, tmp_path, ca
     assert main(["data", "build", "--data-dir", str(copy_dir), "--tfds-dir", str(out_tfds)]) != 0
     assert main(["data", "split", "--data-dir", str(copy_dir), "--work-dir", str(work)]) != 0
     assert str(bad) in capsys.readouterr().err
-    leftovers = [p for p in (out_tfds, work) if p.exists() and any(p.rglob("*"))]
-    assert not leftovers
+    assert not out_tfds.exists() and not work.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders either
 
 
 def test_skip_bad_reports_and_continues(copy_dir, capsys):

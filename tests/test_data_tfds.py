@@ -15,6 +15,8 @@ from dlvae_jax.cli import main
 from dlvae_jax.data import lgg, pipeline, tfds_lgg
 from dlvae_jax.data.pipeline import Shard
 from dlvae_jax.data.splits import read_splits
+from dlvae_jax.data.synth import synthesize
+from dlvae_jax.errors import DataError
 
 from conftest import REPO_ROOT
 
@@ -56,6 +58,24 @@ def test_source_gives_back_exactly_the_tiff_pixels(built, synth_dir):
 def test_build_refuses_to_overwrite(built, synth_dir, capsys):
     assert main(["data", "build", "--data-dir", str(synth_dir), "--tfds-dir", str(built)]) == 2
     assert "already built" in capsys.readouterr().err
+
+
+def test_build_failing_inside_tfds_leaves_nothing(tmp_path):
+    """A slice that breaks after the scan fails inside TFDS: a fresh build leaves
+    no folder at all, a rebuild with --overwrite leaves the old build intact."""
+    data = synthesize(tmp_path / "lgg", n_patients=2, seed=5, size=64, slices_per_patient=4)
+    index = lgg.scan(data)
+    tfds_dir = tmp_path / "tfds"
+    tfds_lgg.build(data, tfds_dir, index=index)
+    before = {p: p.read_bytes() for p in tfds_dir.rglob("*") if p.is_file()}
+    bad = index.records[-1].path
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(DataError, match=bad.name):
+        tfds_lgg.build(data, tfds_dir, index=index, overwrite=True)
+    assert {p: p.read_bytes() for p in tfds_dir.rglob("*") if p.is_file()} == before
+    with pytest.raises(DataError, match=bad.name):
+        tfds_lgg.build(data, tmp_path / "fresh", index=index)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lgg", "tfds"]  # no staging folder either
 
 
 @pytest.mark.parametrize("batch", [5, 7, 64])

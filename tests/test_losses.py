@@ -229,6 +229,20 @@ def test_total_loss_matches_weighted_numpy_sum():
     close(logs["kl_beta"], beta)
 
 
+def test_invalid_rows_are_left_out_of_every_term():
+    """Evaluation padding (valid_B False) counts nowhere: the logs equal the
+    NumPy references on the valid rows alone, whatever the padding holds."""
+    out, batch = _fake_vae_outputs(b=5), _fake_batch(b=5)
+    valid = np.array([True, False, True, True, False])
+    cfg = LossConfig(free_bits=0.01, reconstruction_kind="l1")
+    total, logs = losses.total_loss(out, dict(batch, valid_B=jnp.asarray(valid)), cfg)
+    keep = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[valid], tree)
+    ref = _np_terms(keep(out), keep(batch), "l1", 0.01)
+    for name, value in ref.items():
+        close(logs[name], value, rtol=1e-5)
+    close(total, sum(ref.values()), rtol=1e-5)
+
+
 def test_total_loss_skips_terms_a_model_lacks():
     out, batch = _fake_vae_outputs(), _fake_batch()
     baseline_out = {"logits_Bx2": out["logits_Bx2"]}

@@ -128,8 +128,24 @@ def test_total_loss_gradients_are_finite_and_nonzero(compiled, name):
     assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0
     chex.assert_trees_all_equal_shapes(grads, m.variables["params"])
     if "batch_stats" in m.variables:  # training updates the running statistics
-        changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), m.variables["batch_stats"], new_vars["batch_stats"])
+        changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), m.variables["batch_stats"],
+                                         new_vars["batch_stats"])
         assert any(jax.tree_util.tree_leaves(changed))
+
+
+def test_batch_norm_uses_batch_statistics_in_training_only(compiled):
+    """Inference normalizes with the running statistics, so a slice's outputs do
+    not depend on its batch neighbours; training normalizes with the batch's own
+    statistics, so they do."""
+    m = compiled("dlvae_cnn")
+    other = dict(m.batch, image_BxHxWxC=m.batch["image_BxHxWxC"].at[1].set(1.0 - m.batch["image_BxHxWxC"][1]))
+    a, b = m.infer(m.variables, m.batch), m.infer(m.variables, other)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[0], a), jax.tree_util.tree_map(lambda x: x[0], b),
+                                rtol=1e-5, atol=1e-6)
+    key = jax.random.key(9)
+    (_, (ta, _, _)), _ = m.train_step(m.variables["params"], m.variables, m.batch, key, LossConfig())
+    (_, (tb, _, _)), _ = m.train_step(m.variables["params"], m.variables, other, key, LossConfig())
+    assert not np.allclose(ta["mask_logits_BxHxW"][0], tb["mask_logits_BxHxW"][0])
 
 
 # ------------------------------------------------------------- determinism
@@ -208,8 +224,8 @@ def test_changing_the_latent_changes_the_cnn_outputs(compiled):
     assert float(jnp.max(jnp.abs(oa["logits_Bx2"] - ob["logits_Bx2"]))) > 1e-4
     assert float(jnp.max(jnp.abs(oa["mask_logits_BxHxW"] - ob["mask_logits_BxHxW"]))) > 1e-4
     # The label given to the encoder moves the latent too.
-    o0 = m.infer(m.variables, dict(m.batch, label_B=jnp.array([0, 0])))
-    o1 = m.infer(m.variables, dict(m.batch, label_B=jnp.array([1, 1])))
+    o0 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.array([0, 0])))
+    o1 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.array([1, 1])))
     assert not np.allclose(o0["z_BxD"], o1["z_BxD"])
     assert not np.allclose(o0["logits_Bx2"], o1["logits_Bx2"])
 
@@ -244,7 +260,7 @@ def test_predicted_mode_reencodes_with_the_predicted_label(inference_modes):
     m, out = inference_modes
     pred_B = jnp.argmax(out["unknown"]["logits_Bx2"], axis=-1)
     np.testing.assert_array_equal(out["predicted"]["resolved_label_Bx3"], np.eye(3)[np.asarray(pred_B)])
-    given = m.infer(m.variables, dict(m.batch, label_B=pred_B))
+    given = m.infer(m.variables, dict(m.batch, condition_label_B=pred_B))
     chex.assert_trees_all_close(out["predicted"], given, rtol=1e-5, atol=1e-6)
 
 
@@ -252,9 +268,20 @@ def test_marginal_mode_mixes_latents_by_pass_one_probabilities(inference_modes):
     m, out = inference_modes
     p_Bx2 = jax.nn.softmax(out["unknown"]["logits_Bx2"], axis=-1)
     chex.assert_trees_all_close(out["marginal"]["resolved_label_Bx3"][:, :2], p_Bx2, rtol=1e-5)
-    z0 = m.infer(m.variables, dict(m.batch, label_B=jnp.zeros(B, jnp.int32)))["z_BxD"]
-    z1 = m.infer(m.variables, dict(m.batch, label_B=jnp.ones(B, jnp.int32)))["z_BxD"]
+    z0 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.zeros(B, jnp.int32)))["z_BxD"]
+    z1 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.ones(B, jnp.int32)))["z_BxD"]
     chex.assert_trees_all_close(out["marginal"]["z_BxD"], p_Bx2[:, :1] * z0 + p_Bx2[:, 1:] * z1, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_never_reads_the_target_label(inference_modes):
+    """An evaluation batch carries `label_B` for the loss; at inference it must
+    not reach the encoders: true labels, flipped labels and no labels give the
+    same outputs (the default 'predicted' mode)."""
+    m, out = inference_modes
+    true = m.infer(m.variables, m.batch)
+    flipped = m.infer(m.variables, dict(m.batch, label_B=1 - m.batch["label_B"]))
+    chex.assert_trees_all_equal(true, flipped)
+    chex.assert_trees_all_close(true, out["predicted"], rtol=1e-5, atol=1e-6)
 
 
 def test_label_dropout_trains_the_unknown_path(compiled):

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import re
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -259,7 +260,8 @@ def scan(
             fm = file_re.match(f.name)
             if not fm or not f.is_file():
                 if f.suffix.lower() in (".tif", ".tiff"):
-                    faults.append((str(f), f"{f}: file name does not match {pdir.name}_<n>.tif or {pdir.name}_<n>_mask.tif"))
+                    expected = f"{pdir.name}_<n>.tif or {pdir.name}_<n>_mask.tif"
+                    faults.append((str(f), f"{f}: file name does not match {expected}"))
                 else:
                     notes.append(f"{f}: not a slice TIFF, ignored")
                 continue
@@ -294,20 +296,20 @@ def scan(
             results_iter = tqdm(results_iter, total=len(candidates), desc="checking slices", unit="slice")
         results = list(results_iter)
 
+    # The dataset's shape is the most common one, so a single odd slice is the
+    # one reported (and skipped), whatever its position.
+    shapes = Counter(res[0] for res in results if not isinstance(res, DataError) and res[0] is not None)
+    shape: tuple[int, ...] | None = shapes.most_common(1)[0][0] if shapes else None
     records: list[SliceRecord] = []
-    shape: tuple[int, ...] | None = None
     for c, res in zip(candidates, results):
         if isinstance(res, DataError):
             msg = str(res)
             faults.append((msg.split(": ", 1)[0], msg))
             continue
         img_shape, has_tumor = res
-        if img_shape is not None:
-            if shape is None:
-                shape = img_shape
-            elif img_shape != shape:
-                faults.append((str(c[0]), f"{c[0]}: image shape {img_shape} differs from the dataset's {shape}"))
-                continue
+        if img_shape is not None and img_shape != shape:
+            faults.append((str(c[0]), f"{c[0]}: image shape {img_shape} differs from the dataset's {shape}"))
+            continue
         records.append(SliceRecord(c[0], c[1], c[2], c[3], c[4], has_tumor))
 
     if faults and not skip_bad:
@@ -358,6 +360,7 @@ def summary_lines(index: LggIndex) -> list[str]:
         f"slices: {len(index)}",
         f"slices with tumor: {index.n_tumor_slices}",
         f"institutions: {len(index.institutions)}: {insts}",
-        f"image: {h}x{w}x{c} uint8, channels: {', '.join(CHANNEL_NAMES)} (default input: flair = channel {FLAIR_CHANNEL})",
+        f"image: {h}x{w}x{c} uint8, channels: {', '.join(CHANNEL_NAMES)} "
+        f"(default input: flair = channel {FLAIR_CHANNEL})",
         f"mask: {h}x{w} uint8, tumor = nonzero",
     ]

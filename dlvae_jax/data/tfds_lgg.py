@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -125,20 +127,33 @@ def build(
 ) -> tuple[LggMri, dict[str, list[str]]]:
     """Builds `lgg_mri` from `data_dir` into `tfds_dir`; returns (builder, splits).
 
-    Scan the folder first (pass `index`) so bad input fails before TFDS writes
-    anything; TFDS itself writes to an `.incomplete` folder and renames it.
+    Scan the folder first (pass `index`) so bad input fails before anything is
+    written. TFDS builds in a hidden staging folder beside `tfds_dir`; only a
+    finished build is renamed into `tfds_dir/lgg_mri/<version>`, so a failed or
+    interrupted build leaves neither a partial dataset nor TFDS's empty
+    `downloads/` and `lgg_mri/` folders behind.
     """
     if index is None:
         index = lgg.scan(data_dir)
-    h = index.image_shape[0]
-    builder = LggMri(data_dir=os.fspath(tfds_dir), split_seed=split_seed, fractions=fractions,
-                     image_size=h, index=index)
-    if Path(builder.data_dir).exists() and not overwrite:
-        raise DataError(f"{builder.data_dir}: already built (pass --overwrite to rebuild)")
-    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    config = tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir), download_mode=mode)
-    builder.download_and_prepare(download_config=config)
-    return builder, builder.splits_used
+    tfds_dir = Path(tfds_dir)
+    kwargs = dict(split_seed=split_seed, fractions=fractions, image_size=index.image_shape[0], index=index)
+    final = Path(LggMri(data_dir=os.fspath(tfds_dir), **kwargs).data_dir)
+    if final.exists() and not overwrite:
+        raise DataError(f"{final}: already built (pass --overwrite to rebuild)")
+    tfds_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{tfds_dir.name}.{NAME}.", suffix=".tmp", dir=tfds_dir.parent))
+    try:
+        builder = LggMri(data_dir=os.fspath(stage), **kwargs)
+        config = tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir))
+        builder.download_and_prepare(download_config=config)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # --overwrite: the old build goes only once the new one is complete
+            shutil.rmtree(final)
+        os.replace(builder.data_dir, final)
+        splits = builder.splits_used
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return LggMri(data_dir=os.fspath(tfds_dir), **kwargs), splits
 
 
 def built_image_size(tfds_dir: str | os.PathLike) -> int:

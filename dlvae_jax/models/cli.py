@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "XLA's cost analysis of the lowered computation (a multiply-add counts 2).",
     )
     parser.add_argument("--summary", action="store_true", help="print parameters and FLOPs per slice")
-    parser.add_argument("--size", type=int, default=_SIZE_DEFAULT, help="slice height = width in pixels (default 256)")
+    parser.add_argument("--size", type=int, default=_SIZE_DEFAULT, help="slice side in pixels (default 256)")
     parser.add_argument("--channels", type=int, default=3, help="image channels (default 3, the LGG RGB slices)")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="models to include (default: all)")
     parser.add_argument(
@@ -63,5 +63,5 @@ def _handle(args: argparse.Namespace) -> int:
     print(f"{'model':10s} {'params':>12s} {'GFLOPs train fwd':>17s} {'GFLOPs inference':>17s}")
     for name, params, train_g, infer_g in rows:
         print(f"{name:10s} {params:12,d} {train_g:17.2f} {infer_g:17.2f}")
-    print("train fwd: label given, one pass; inference: label_B=None (dlvae_cnn resolves the label, see docs/models.md)")
+    print("train fwd: label given, one pass; inference: train=False (dlvae_cnn resolves the label, docs/models.md)")
     return 0

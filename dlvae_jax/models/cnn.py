@@ -8,10 +8,13 @@ feeds a softmax classification head (tumor / no tumor), and a decoder with
 skip connections gives one mask logit per pixel.
 
 How the label Y is resolved (the VAE encoders are conditioned on it):
-  training, label given   the true label; with probability `label_dropout`
-                          per slice it is replaced by the 'unknown' state,
-                          so the encoders also learn the label-free path.
-  inference, label None   `inference_label` decides:
+  training, label given   the true label `label_B`; with probability
+                          `label_dropout` per slice it is replaced by the
+                          'unknown' state, so the encoders also learn the
+                          label-free path.
+  inference (train=False) `label_B` is never read, so an evaluation batch
+                          that carries its labels (for the loss) cannot leak
+                          them into the prediction; `inference_label` decides:
     'predicted' (default) pass 1 encodes with Y = unknown and runs the CNN;
                           its argmax class is the predicted label; pass 2
                           encodes with that label and gives the outputs.
@@ -20,6 +23,8 @@ How the label Y is resolved (the VAE encoders are conditioned on it):
                           simple approximation) are averaged with weights
                           p(y | x) (the decoder sees the soft label).
     'unknown'             one pass with Y = unknown (cheapest).
+  `condition_label_B` (int 0/1), when given, conditions the encoders on that
+  label in training and inference alike (for analysis and tests).
   `resolved_label_Bx3` in the outputs is the label vector that was used.
 """
 
@@ -74,8 +79,10 @@ class DLVAECNN(nn.Module):
     """The full DL-VAE-CNN model (registry name 'dlvae_cnn').
 
     Inputs (dict): `image_BxHxWxC` float in [0, 1]; `clusters_BxHxW` int in
-    [0, num_clusters); optional `label_B` int 0/1 (None or absent at
-    inference); optional `z_BxD` to condition the CNN on a given latent
+    [0, num_clusters); optional `label_B` int 0/1, read only when
+    train=True; optional `condition_label_B` int 0/1, an explicit
+    conditioning label used in training and inference alike; optional
+    `z_BxD` to condition the CNN on a given latent
     (D = 2 * (specific_dim + shared_dim)) instead of the encoded one.
 
     Outputs (dict, float32): `logits_Bx2`, `mask_logits_BxHxW`,
@@ -127,7 +134,10 @@ class DLVAECNN(nn.Module):
         image = inputs["image_BxHxWxC"]
         b = image.shape[0]
         b2 = jax.nn.one_hot(inputs["clusters_BxHxW"], self.num_clusters, dtype=jnp.float32)
-        label_B = inputs.get("label_B")
+        # At inference the target label must not reach the encoders (leakage).
+        label_B = inputs.get("condition_label_B")
+        if label_B is None and train:
+            label_B = inputs.get("label_B")
         z_override_BxD = inputs.get("z_BxD")
         unknown_Bx3 = jax.nn.one_hot(jnp.full((b,), UNKNOWN_LABEL), NUM_LABEL_STATES, dtype=jnp.float32)
 

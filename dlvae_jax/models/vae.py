@@ -140,7 +140,9 @@ class DualViewVAE(nn.Module):
         self.classifier_hidden_layer = nn.Dense(self.classifier_hidden, dtype=self.dtype, param_dtype=jnp.float32)
         self.classifier_out = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32)
 
-    def encode(self, image_BxHxWxC: jax.Array, b2_BxHxWxK: jax.Array, y_Bx3: jax.Array, train: bool, sample: bool) -> dict[str, Any]:
+    def encode(
+        self, image_BxHxWxC: jax.Array, b2_BxHxWxK: jax.Array, y_Bx3: jax.Array, train: bool, sample: bool
+    ) -> dict[str, Any]:
         """Eqs. 4-5. Returns {'means': {pp,pv,qq,qv: (B,D)}, 'logvars': {...},
         'z': {...}}; z are reparameterized samples (rng stream 'sample') when
         `sample`, else the means."""
@@ -155,7 +157,9 @@ class DualViewVAE(nn.Module):
             z = dict(means)
         return {"means": means, "logvars": logvars, "z": z}
 
-    def decode(self, z: dict[str, jax.Array], y_Bx3: jax.Array, out_hw: tuple[int, int], image_channels: int, train: bool):
+    def decode(
+        self, z: dict[str, jax.Array], y_Bx3: jax.Array, out_hw: tuple[int, int], image_channels: int, train: bool
+    ):
         """Rebuilds both views: returns (B1 logits (B,H,W,C), B2 logits (B,H,W,K))."""
         rec_b1 = self.decoder_b1(z["pp"], z["pv"], y_Bx3, out_hw, image_channels, train)
         rec_b2 = self.decoder_b2(z["qq"], z["qv"], y_Bx3, out_hw, self.num_clusters, train)
