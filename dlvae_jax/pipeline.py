@@ -1,7 +1,8 @@
 """`dlvae-jax classical`: the paper's classical stages end to end on a data folder.
 
-FLAIR slice -> histogram equalization (Eq. 1) -> K-means clusters (Eqs. 2-3)
--> tumor-candidate ROI, scored against the ground-truth masks. Without
+FLAIR slice -> head mask -> histogram equalization inside the head (Eq. 1)
+-> K-means clusters (Eqs. 2-3) -> tumor-candidate ROI, scored against the
+ground-truth masks (see `dlvae_jax.ops.classical`). Without
 `--data-dir` it runs on a synthetic phantom dataset generated into the output
 folder, so it works out of the box.
 
@@ -49,16 +50,12 @@ def _overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
 def _classical_fn(k: int, n_init: int, min_size: int, margin: int):
     import jax
 
-    from dlvae_jax.ops import equalize_hist, kmeans_image, roi_from_clusters
+    from dlvae_jax.ops import classical_stages
 
     @jax.jit
     def run(flair_BxHxW, key):
-        equalized = equalize_hist(flair_BxHxW)
-        clusters = kmeans_image(equalized, k, key=key, n_init=n_init)
-        roi = roi_from_clusters(
-            clusters.labels, n_clusters=k, centroids=clusters.centroids, min_size=min_size, margin=margin
-        )
-        return equalized, clusters.labels, roi
+        res = classical_stages(flair_BxHxW, key, k=k, n_init=n_init, margin=margin, min_size=min_size)
+        return res.equalized_BxHxW, res.labels_BxHxW, res.roi_BxHxW
 
     return run
 
@@ -70,7 +67,7 @@ def _save_overlay(path: Path, title: str, flair, equalized, labels, roi, truth) 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [(flair, "FLAIR", "gray"), (equalized, "equalized (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")]
+    panels = [(flair, "FLAIR", "gray"), (equalized, "equalized in head (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")]
     for ax, (img, name, cmap) in zip(axes, panels):
         ax.imshow(img, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -116,7 +113,7 @@ def run_classical(
     batch_size: int = 64,
     n_init: int = 10,
     min_size: int = 64,
-    margin: int = 4,
+    margin: int = 8,
     n_overlays: int = 8,
     synth_patients: int = 6,
     progress: bool = True,
@@ -290,7 +287,7 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=int, default=4, help="K-means clusters (default 4)")
     p.add_argument("--n-init", type=int, default=10, help="K-means restarts, best kept (default 10)")
     p.add_argument("--min-size", type=int, default=64, help="ROI components smaller than this many pixels are dropped")
-    p.add_argument("--margin", type=int, default=4, help="pixels eroded from the brain mask to drop the skull rim")
+    p.add_argument("--margin", type=int, default=8, help="pixels eroded from the head mask to drop the scalp rim")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--overlays", type=int, default=8, help="overlay PNGs to write (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -18,11 +18,12 @@ def _same_partition(ours: np.ndarray, ref: np.ndarray) -> bool:
     return len(pairs) == len(np.unique(ours[fg])) == len(np.unique(ref[fg]))
 
 
+@pytest.mark.parametrize("method", ["map", "batch"])
 @pytest.mark.parametrize("connectivity", [4, 8])
-def test_components_match_skimage(connectivity):
+def test_components_match_skimage(connectivity, method):
     rng = np.random.default_rng(connectivity)
     masks = rng.random((6, 40, 40)) < np.linspace(0.3, 0.6, 6)[:, None, None]
-    ours = np.asarray(connected_components(masks, connectivity=connectivity))
+    ours = np.asarray(connected_components(masks, connectivity=connectivity, method=method))
     for m, o in zip(masks, ours):
         ref = measure.label(m, connectivity=1 if connectivity == 4 else 2)
         assert _same_partition(o, ref)

@@ -17,3 +17,8 @@ __all__ = [
 from dlvae_jax.ops.roi import connected_components, largest_component, remove_small_components, roi_from_clusters
 
 __all__ += ["connected_components", "largest_component", "remove_small_components", "roi_from_clusters"]
+
+from dlvae_jax.ops.classical import ClassicalResult, classical_stages
+from dlvae_jax.ops.roi import dilate, erode
+
+__all__ += ["ClassicalResult", "classical_stages", "dilate", "erode"]

@@ -29,7 +29,8 @@ def _neighbor_max(labels_BxHxW: jax.Array, connectivity: int) -> jax.Array:
     return best
 
 
-def _components_batch(mask_BxHxW: jax.Array, connectivity: int) -> jax.Array:
+def _propagate(mask_BxHxW: jax.Array, connectivity: int) -> jax.Array:
+    """Component labels of a (small) batch by max-label propagation until stable."""
     b, h, w = mask_BxHxW.shape
     n = h * w
     ids_HxW = jnp.arange(1, n + 1, dtype=jnp.int32).reshape(h, w)
@@ -37,39 +38,46 @@ def _components_batch(mask_BxHxW: jax.Array, connectivity: int) -> jax.Array:
     # Offsets turn a label (1 + flat index within its image) into an index of the flat batch.
     offset_Bx1 = (jnp.arange(b, dtype=jnp.int32) * n)[:, None] - 1
 
-    def jump(labels):
-        # Pointer jumping: a label names a pixel of the same component whose own
-        # label is at least as large; adopting that label shortens long chains.
-        flat_BxN = labels.reshape(b, n)
-        target = jnp.maximum(flat_BxN + offset_Bx1, 0).ravel()
-        jumped = jnp.where(flat_BxN > 0, flat_BxN.ravel()[target].reshape(b, n), 0)
-        return jnp.maximum(flat_BxN, jumped).reshape(b, h, w)
-
     def body(state):
         labels, _ = state
         new = jnp.where(mask_BxHxW, _neighbor_max(labels, connectivity), 0)
-        new = jump(new)
+        # Pointer jumping: a label names a pixel of the same component whose own
+        # label is at least as large; adopting that label shortens long chains.
+        flat_BxN = new.reshape(b, n)
+        target = jnp.maximum(flat_BxN + offset_Bx1, 0).ravel()
+        jumped = jnp.where(flat_BxN > 0, flat_BxN.ravel()[target].reshape(b, n), 0)
+        new = jnp.maximum(flat_BxN, jumped).reshape(b, h, w)
         return new, jnp.any(new != labels)
 
-    # The batch is processed as one array (not vmapped): a vmapped while_loop
-    # re-selects every carry per image on each step, which was 4x slower.
     labels, _ = jax.lax.while_loop(lambda s: s[1], body, (labels0, jnp.bool_(True)))
     return labels
 
 
-@functools.partial(jax.jit, static_argnames=("connectivity",))
-def connected_components(mask: jax.Array, connectivity: int = 8) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("connectivity", "method"))
+def connected_components(mask: jax.Array, connectivity: int = 8, method: str = "auto") -> jax.Array:
     """Labels the connected components of binary masks [..., H, W].
 
     Returns int32 [..., H, W]: 0 for background; every pixel of a component gets
     the same positive id (1 + the flat index of one of its pixels; ids are not
-    consecutive). `connectivity` is 4 or 8.
+    consecutive). `connectivity` is 4 or 8. `method`: "map" labels one image at
+    a time (each image stops when it is done and its arrays stay in cache; 7x
+    faster on CPU), "batch" labels the whole batch in one loop (parallel on
+    GPUs/TPUs), "auto" picks by the default backend.
     """
     if connectivity not in _NEIGHBORS:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    if method == "auto":
+        method = "map" if jax.default_backend() == "cpu" else "batch"
     mask = jnp.asarray(mask) != 0
     shape = mask.shape
-    return _components_batch(mask.reshape(-1, *shape[-2:]), connectivity).reshape(shape)
+    flat = mask.reshape(-1, *shape[-2:])
+    if method == "map":
+        labels = jax.lax.map(lambda m: _propagate(m[None], connectivity)[0], flat)
+    elif method == "batch":
+        labels = _propagate(flat, connectivity)
+    else:
+        raise ValueError(f"unknown method {method!r}; use 'auto', 'map' or 'batch'")
+    return labels.reshape(shape)
 
 
 def _component_sizes(labels_HxW: jax.Array) -> jax.Array:

@@ -1,0 +1,59 @@
+"""The classical stages chained: head mask -> equalization -> K-means -> ROI.
+
+This is the recipe behind `dlvae-jax classical` and the two VAE views (B1 the
+equalized slice, B2 the cluster map). The paper equalizes the whole slice;
+we equalize inside the head only (Eq. 1 over the head's pixels), because on
+real FLAIR slices whole-image equalization turns the near-black background
+noise into a bright speckle that K-means then mistakes for tissue (on 256
+real slices, Dice on tumor slices rose from 0.26 to 0.56 with this change).
+The head is the non-background part of a 3-cluster K-means of the raw slice,
+closed to fill small gaps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dlvae_jax.ops.histogram import equalize_hist
+from dlvae_jax.ops.kmeans import kmeans_image
+from dlvae_jax.ops.roi import dilate, erode, roi_from_clusters
+
+
+class ClassicalResult(NamedTuple):
+    """head_BxHxW bool; equalized_BxHxW uint8; labels_BxHxW int32 (0 darkest .. k-1
+    brightest, -1 outside the head); centroids_Bxk float32; roi_BxHxW bool."""
+
+    head_BxHxW: jax.Array
+    equalized_BxHxW: jax.Array
+    labels_BxHxW: jax.Array
+    centroids_Bxk: jax.Array
+    roi_BxHxW: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n_init", "margin", "closing"))
+def classical_stages(
+    flair_BxHxW: jax.Array,
+    key: jax.Array,
+    *,
+    k: int = 4,
+    n_init: int = 10,
+    margin: int = 8,
+    min_size: int = 64,
+    closing: int = 2,
+) -> ClassicalResult:
+    """Runs the classical stages on uint8 FLAIR slices [B, H, W].
+
+    `margin` pixels are eroded from the head before the ROI is taken (drops the
+    bright scalp rim of FLAIR); ROI components under `min_size` pixels are dropped.
+    """
+    key_head, key_clusters = jax.random.split(key)
+    background = kmeans_image(flair_BxHxW, 3, key=key_head, n_init=n_init)
+    head = erode(dilate(background.labels > 0, closing), closing)
+    equalized = equalize_hist(flair_BxHxW, head)
+    clusters = kmeans_image(equalized, k, key=key_clusters, n_init=n_init, mask=head)
+    roi = roi_from_clusters(clusters.labels, n_clusters=k, brain_mask=erode(head, margin), min_size=min_size)
+    return ClassicalResult(head, equalized, clusters.labels, clusters.centroids, roi)
