@@ -42,11 +42,15 @@ def classification_metrics(counts: dict[str, int]) -> dict[str, float]:
     }
 
 
+def dice_from_counts(counts: dict[str, int]) -> float:
+    """Dice 2TP / (2TP + FP + FN) from confusion counts; 1.0 when both masks are empty."""
+    den = 2 * counts["tp"] + counts["fp"] + counts["fn"]
+    return 1.0 if den == 0 else 2 * counts["tp"] / den
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice coefficient 2|A n B| / (|A| + |B|) over the whole arrays; 1.0 when both are empty."""
-    c = confusion(pred, truth)
-    den = 2 * c["tp"] + c["fp"] + c["fn"]
-    return 1.0 if den == 0 else 2 * c["tp"] / den
+    return dice_from_counts(confusion(pred, truth))
 
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -191,10 +191,7 @@ def run_classical(
         with open(tmp / "slices.jsonl", "w") as f:
             for row in slice_rows:
                 f.write(json.dumps(row) + "\n")
-        dice_volume = {
-            p: (1.0 if (2 * c["tp"] + c["fp"] + c["fn"]) == 0 else 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"]))
-            for p, c in volume_counts.items()
-        }
+        dice_volume = {p: metrics.dice_from_counts(c) for p, c in volume_counts.items()}
         _save_dice_plot(tmp / "dice_per_patient.png", dice_volume)
         pixel_counts = {name: sum(c[name] for c in volume_counts.values()) for name in ("tp", "fp", "tn", "fn")}
         tumor_dice = [r["dice"] for r in slice_rows if r["tumor"]]
