@@ -47,14 +47,16 @@ def _overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
     return set(chosen + _evenly(other, n - len(chosen)))
 
 
-def _classical_fn(k: int, n_init: int, min_size: int, margin: int):
+def _classical_fn(k: int, n_init: int, min_size: int, margin: int, equalize: str):
     import jax
 
     from dlvae_jax.ops import classical_stages
 
     @jax.jit
     def run(flair_BxHxW, key):
-        res = classical_stages(flair_BxHxW, key, k=k, n_init=n_init, margin=margin, min_size=min_size)
+        res = classical_stages(
+            flair_BxHxW, key, k=k, n_init=n_init, margin=margin, min_size=min_size, equalize=equalize
+        )
         return res.equalized_BxHxW, res.labels_BxHxW, res.roi_BxHxW
 
     return run
@@ -67,7 +69,7 @@ def _save_overlay(path: Path, title: str, flair, equalized, labels, roi, truth) 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [(flair, "FLAIR", "gray"), (equalized, "equalized in head (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")]
+    panels = [(flair, "FLAIR", "gray"), (equalized, "equalized (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")]
     for ax, (img, name, cmap) in zip(axes, panels):
         ax.imshow(img, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -116,6 +118,7 @@ def run_classical(
     margin: int = 8,
     n_overlays: int = 8,
     synth_patients: int = 6,
+    equalize: str = "head",
     progress: bool = True,
 ) -> dict:
     """Runs the classical pipeline into `out_dir` (written atomically); returns the summary."""
@@ -135,7 +138,7 @@ def run_classical(
             source, source_name = Path(data_dir), str(data_dir)
         index = lgg.scan(source)
         records = list(index.records)
-        run = _classical_fn(k, n_init, min_size, margin)
+        run = _classical_fn(k, n_init, min_size, margin, equalize)
         key = jax.random.key(seed)
 
         (tmp / "overlays").mkdir()
@@ -202,6 +205,7 @@ def run_classical(
             "n_slices": len(records),
             "n_tumor_slices": int(sum(true_slice)),
             "k": k,
+            "equalize": equalize,
             "seed": seed,
             "slice": metrics.classification_metrics(metrics.confusion(np.array(pred_slice), np.array(true_slice))),
             "pixel": metrics.classification_metrics(pixel_counts),
@@ -264,6 +268,7 @@ def _cmd_classical(args) -> int:
         margin=args.margin,
         n_overlays=args.overlays,
         synth_patients=args.patients,
+        equalize=args.equalize,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     print(format_summary(summary))
@@ -285,6 +290,8 @@ def register(subparsers) -> None:
     p.add_argument("--n-init", type=int, default=10, help="K-means restarts, best kept (default 10)")
     p.add_argument("--min-size", type=int, default=64, help="ROI components smaller than this many pixels are dropped")
     p.add_argument("--margin", type=int, default=8, help="pixels eroded from the head mask to drop the scalp rim")
+    p.add_argument("--equalize", choices=("head", "whole"), default="head",
+                   help="equalize and cluster inside the head (default) or the whole slice, as the paper does")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--overlays", type=int, default=8, help="overlay PNGs to write (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

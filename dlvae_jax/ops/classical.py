@@ -34,7 +34,7 @@ class ClassicalResult(NamedTuple):
     roi_BxHxW: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("k", "n_init", "margin", "closing"))
+@functools.partial(jax.jit, static_argnames=("k", "n_init", "margin", "closing", "equalize"))
 def classical_stages(
     flair_BxHxW: jax.Array,
     key: jax.Array,
@@ -44,16 +44,22 @@ def classical_stages(
     margin: int = 8,
     min_size: int = 64,
     closing: int = 2,
+    equalize: str = "head",
 ) -> ClassicalResult:
     """Runs the classical stages on uint8 FLAIR slices [B, H, W].
 
     `margin` pixels are eroded from the head before the ROI is taken (drops the
     bright scalp rim of FLAIR); ROI components under `min_size` pixels are dropped.
+    `equalize="whole"` equalizes and clusters the whole slice, as the paper does;
+    "head" (the default) does both inside the head only.
     """
+    if equalize not in ("head", "whole"):
+        raise ValueError(f"equalize must be 'head' or 'whole', got {equalize!r}")
     key_head, key_clusters = jax.random.split(key)
     background = kmeans_image(flair_BxHxW, 3, key=key_head, n_init=n_init)
     head = erode(dilate(background.labels > 0, closing), closing)
-    equalized = equalize_hist(flair_BxHxW, head)
-    clusters = kmeans_image(equalized, k, key=key_clusters, n_init=n_init, mask=head)
+    region = head if equalize == "head" else None
+    equalized = equalize_hist(flair_BxHxW, region)
+    clusters = kmeans_image(equalized, k, key=key_clusters, n_init=n_init, mask=region)
     roi = roi_from_clusters(clusters.labels, n_clusters=k, brain_mask=erode(head, margin), min_size=min_size)
     return ClassicalResult(head, equalized, clusters.labels, clusters.centroids, roi)
