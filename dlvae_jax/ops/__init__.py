@@ -1,12 +1,11 @@
 """The classical stages of the pipeline as pure, jitted JAX functions."""
 
-from dlvae_jax.ops.histogram import equalize_hist, equalization_lut, histogram
+from dlvae_jax.ops.histogram import equalization_lut, equalize_hist
 from dlvae_jax.ops.kmeans import KMeansImageResult, KMeansResult, kmeans, kmeans_image, kmeans_plusplus
 
 __all__ = [
     "equalize_hist",
     "equalization_lut",
-    "histogram",
     "KMeansResult",
     "KMeansImageResult",
     "kmeans",

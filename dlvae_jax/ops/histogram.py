@@ -30,15 +30,18 @@ def _histogram_scan(values_BxN: jax.Array, weights_BxN: jax.Array | None) -> jax
     """Per-row 256-bin histograms, one image at a time.
 
     On CPU a scatter-add over one image's pixels stays in cache; one scatter over
-    the whole flattened batch needs large index arrays and is ~3x slower.
+    the whole flattened batch needs large index arrays and is ~3x slower. Pixel j
+    counts into sub-histogram j % 4: runs of equal pixels (the black background)
+    then update different counters instead of waiting on one (~10% faster).
     """
+    lanes = 4
+    lane_N = jnp.arange(values_BxN.shape[1], dtype=jnp.int32) % lanes
 
     def one(row):
-        if weights_BxN is None:
-            values, upd = row, 1
-        else:
-            values, upd = row
-        return jnp.zeros(_LEVELS, jnp.int32).at[values].add(upd, mode="promise_in_bounds")
+        values, upd = (row, 1) if weights_BxN is None else row
+        idx = values.astype(jnp.int32) * lanes + lane_N
+        sub = jnp.zeros(_LEVELS * lanes, jnp.int32).at[idx].add(upd, mode="promise_in_bounds")
+        return sub.reshape(_LEVELS, lanes).sum(axis=1)
 
     xs = values_BxN if weights_BxN is None else (values_BxN, weights_BxN)
     _, hist = jax.lax.scan(lambda carry, row: (carry, one(row)), None, xs, unroll=4)
@@ -116,7 +119,8 @@ def equalize_hist(images: jax.Array, mask: jax.Array | None = None, *, method: s
             raise ValueError(f"mask shape {mask.shape} differs from images shape {shape}")
         weights_BxN = (mask != 0).reshape(pixels_BxN.shape).astype(jnp.int32)
     lut_Bx256 = equalization_lut(histogram(pixels_BxN, weights_BxN, method=method))
-    out_BxN = jnp.take_along_axis(lut_Bx256, pixels_BxN.astype(jnp.int32), axis=1)
+    # A per-row gather on the uint8 pixels avoids materializing int32 indices.
+    out_BxN = jax.vmap(lambda lut, px: lut[px])(lut_Bx256, pixels_BxN)
     if weights_BxN is not None:
         out_BxN = jnp.where(weights_BxN > 0, out_BxN, pixels_BxN)
     return out_BxN.reshape(shape)
