@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except DlvaeError as err:
         print(f"dlvae-jax: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. an output folder that cannot be written; the message names the path
+        print(f"dlvae-jax: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dlvae-jax: interrupted", file=sys.stderr)
         return 130

@@ -11,26 +11,50 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A fresh unused name beside `path` (hidden, so it is not mistaken for output)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{tag}", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, replace_dir: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` on success.
 
     On an exception the temporary file (or folder) is removed and `path` is untouched.
+    With `replace_dir`, an existing folder at `path` is replaced: it is renamed
+    aside first and deleted only once the new one is in place, so an interrupted
+    run leaves either the old folder or the new one at `path`, never a mix.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    tmp = Path(tmp)
+    tmp = _sibling(path, "tmp")
+    old = None
     try:
         yield tmp
-        os.replace(tmp, path)
+        if replace_dir and path.is_dir() and not path.is_symlink():
+            old = _sibling(path, "old")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+        if old is not None:
+            _remove(old)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

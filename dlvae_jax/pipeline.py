@@ -14,9 +14,9 @@ temporary folder beside the output and renamed into place at the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,15 +47,20 @@ def _overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
     return set(chosen + _evenly(other, n - len(chosen)))
 
 
+@functools.lru_cache(maxsize=4)  # one compiled function per setting, reused by later runs in the process
 def _classical_fn(k: int, n_init: int, min_size: int, margin: int, equalize: str):
     import jax
+    import jax.numpy as jnp
 
     from dlvae_jax.ops import classical_stages
 
     @jax.jit
-    def run(flair_BxHxW, key):
+    def run(flair_BxHxW, key, first_slice):
+        # One key per slice, from its index in the dataset: results do not depend on --batch-size.
+        ids_B = first_slice + jnp.arange(flair_BxHxW.shape[0])
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids_B)
         res = classical_stages(
-            flair_BxHxW, key, k=k, n_init=n_init, margin=margin, min_size=min_size, equalize=equalize
+            flair_BxHxW, keys_B, k=k, n_init=n_init, margin=margin, min_size=min_size, equalize=equalize
         )
         return res.equalized_BxHxW, res.labels_BxHxW, res.roi_BxHxW
 
@@ -69,7 +74,9 @@ def _save_overlay(path: Path, title: str, flair, equalized, labels, roi, truth) 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [(flair, "FLAIR", "gray"), (equalized, "equalized (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")]
+    panels = [
+        (flair, "FLAIR", "gray"), (equalized, "equalized (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")
+    ]
     for ax, (img, name, cmap) in zip(axes, panels):
         ax.imshow(img, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -129,7 +136,7 @@ def run_classical(
     from dlvae_jax.data.synth import synthesize
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, replace_dir=True) as tmp:  # --overwrite was checked by the caller
         tmp.mkdir()
         if data_dir is None:
             source = synthesize(tmp / "data", n_patients=synth_patients, seed=seed)
@@ -138,6 +145,7 @@ def run_classical(
             source, source_name = Path(data_dir), str(data_dir)
         index = lgg.scan(source)
         records = list(index.records)
+        batch_size = min(batch_size, len(records))  # no padding beyond the data set
         run = _classical_fn(k, n_init, min_size, margin, equalize)
         key = jax.random.key(seed)
 
@@ -152,13 +160,10 @@ def run_classical(
             for b, (start, stop) in enumerate(_batches(len(records), batch_size)):
                 flair, truth = lgg.load_arrays(records[start:stop], channels="flair")
                 n = stop - start
-                if n < batch_size:  # pad to one compiled shape
-                    pad = ((0, batch_size - n), (0, 0), (0, 0))
-                    flair_in = np.pad(flair, pad)
-                else:
-                    flair_in = flair
+                # Pad the last batch to the compiled shape; the padding is cut off below.
+                flair_in = np.pad(flair, ((0, batch_size - n), (0, 0), (0, 0)))
                 t0 = time.perf_counter()
-                equalized, labels, roi = jax.device_get(run(flair_in, jax.random.fold_in(key, b)))
+                equalized, labels, roi = jax.device_get(run(flair_in, key, start))
                 elapsed = time.perf_counter() - t0
                 if b == 0:
                     compile_s = elapsed
@@ -179,6 +184,7 @@ def run_classical(
                         "tumor": bool(t.any()),
                         "tumor_pixels": int(t.sum()),
                         "roi_pixels": int(roi[j].sum()),
+                        "overlap_pixels": c["tp"],
                         "dice": metrics.dice(roi[j], t),
                     })
                     if start + j in overlay_ids:
@@ -211,25 +217,24 @@ def run_classical(
             "pixel": metrics.classification_metrics(pixel_counts),
             "dice_volume_mean": float(np.mean(list(dice_volume.values()))),
             "dice_volume_median": float(np.median(list(dice_volume.values()))),
-            "dice_tumor_slices_mean": float(np.mean(tumor_dice)) if tumor_dice else float("nan"),
+            "dice_tumor_slices_mean": float(np.mean(tumor_dice)) if tumor_dice else None,
             "dice_volume": dice_volume,
             "compile_and_first_batch_s": round(compile_s, 3),
             "steady_slices_per_s": round(steady / compute_s, 1) if compute_s > 0 else None,
             "device": str(jax.devices()[0].platform),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            if not out_dir.is_dir():
-                raise DlvaeError(f"{out_dir}: exists and is not a folder")
-            shutil.rmtree(out_dir)  # --overwrite was checked by the caller
     return summary
 
 
 def format_summary(summary: dict) -> str:
     s, p = summary["slice"], summary["pixel"]
+    tumor_dice = summary["dice_tumor_slices_mean"]
+    tumor_dice = "n/a" if tumor_dice is None else f"{tumor_dice:.4f}"
     lines = [
         f"data: {summary['data']}",
-        f"patients {summary['n_patients']}, slices {summary['n_slices']} ({summary['n_tumor_slices']} with tumor), k = {summary['k']}",
+        f"patients {summary['n_patients']}, slices {summary['n_slices']} "
+        f"({summary['n_tumor_slices']} with tumor), k = {summary['k']}",
         "",
         f"{'metric':<28}{'value':>8}",
         f"{'slice accuracy (Eq. 13)':<28}{s['accuracy']:>8.4f}",
@@ -241,22 +246,31 @@ def format_summary(summary: dict) -> str:
         f"{'pixel F1':<28}{p['f1']:>8.4f}",
         f"{'Dice per volume, mean':<28}{summary['dice_volume_mean']:>8.4f}",
         f"{'Dice per volume, median':<28}{summary['dice_volume_median']:>8.4f}",
-        f"{'Dice, tumor slices, mean':<28}{summary['dice_tumor_slices_mean']:>8.4f}",
+        f"{'Dice, tumor slices, mean':<28}{tumor_dice:>8}",
         "",
-        f"compile + first batch {summary['compile_and_first_batch_s']} s; "
-        f"then {summary['steady_slices_per_s']} slices/s on {summary['device']}",
+        f"compile + first batch {summary['compile_and_first_batch_s']} s on {summary['device']}"
+        + ("" if summary["steady_slices_per_s"] is None else f"; then {summary['steady_slices_per_s']} slices/s"),
     ]
     return "\n".join(lines)
 
 
 def _cmd_classical(args) -> int:
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise DlvaeError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DlvaeError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise DlvaeError(f"{args.data_dir}: no such data folder")
-    if args.k < 2:
-        raise DlvaeError(f"--k must be at least 2, got {args.k}")
+    if args.data_dir is not None:
+        data = Path(args.data_dir)
+        if not data.is_dir():
+            raise DlvaeError(f"{data}: no such data folder")
+        if out.resolve() == data.resolve() or out.resolve() in data.resolve().parents:
+            raise DlvaeError(f"{out}: holds the data folder {data}; choose another --out")
+    for name, value, least in [("k", args.k, 2), ("n-init", args.n_init, 1), ("batch-size", args.batch_size, 1),
+                               ("patients", args.patients, 1), ("margin", args.margin, 0),
+                               ("min-size", args.min_size, 0), ("overlays", args.overlays, 0)]:
+        if value < least:
+            raise DlvaeError(f"--{name} must be at least {least}, got {value}")
     summary = run_classical(
         out,
         None if args.data_dir is None else Path(args.data_dir),
@@ -283,7 +297,8 @@ def register(subparsers) -> None:
         description=__doc__,
     )
     p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
-    p.add_argument("--data-dir", default=None, help="LGG-layout folder; default: synthetic phantoms written to OUT/data")
+    p.add_argument("--data-dir", default=None,
+                   help="LGG-layout folder; default: synthetic phantoms written to OUT/data")
     p.add_argument("--patients", type=int, default=6, help="synthetic patients when no --data-dir (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the K-means keys")
     p.add_argument("--k", type=int, default=4, help="K-means clusters (default 4)")

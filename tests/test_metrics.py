@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn import metrics as skm
 
-from dlvae_jax.metrics import classification_metrics, confusion, dice, iou
+from dlvae_jax.metrics import classification_metrics, confusion, dice, dice_from_counts, iou
 
 
 @settings(max_examples=50, deadline=None)
@@ -30,3 +30,16 @@ def test_dice_iou_hand_values_and_empty_cases():
     a[0, 1:4] = True  # overlap 1 pixel, |a| = 3, |b| = 2
     assert np.isclose(dice(a, b), 2 * 1 / 5) and np.isclose(iou(a, b), 1 / 4)
     assert np.isclose(iou(a, b), skm.jaccard_score(b.ravel(), a.ravel()))
+
+
+@settings(max_examples=50, deadline=None)
+@given(pred=arrays(np.bool_, (5, 6)), truth=arrays(np.bool_, (5, 6)))
+def test_dice_iou_match_scipy_and_sklearn(pred, truth):
+    from scipy.spatial import distance
+
+    if not (pred.any() or truth.any()):
+        assert dice(pred, truth) == 1.0 and iou(pred, truth) == 1.0
+        return
+    assert np.isclose(dice(pred, truth), 1 - distance.dice(pred.ravel(), truth.ravel()))
+    assert np.isclose(iou(pred, truth), skm.jaccard_score(truth.ravel(), pred.ravel()))
+    assert np.isclose(dice_from_counts(confusion(pred, truth)), dice(pred, truth))

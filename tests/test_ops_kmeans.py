@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from sklearn.cluster import KMeans
 
-from dlvae_jax.ops import kmeans, kmeans_image
+from dlvae_jax.ops import kmeans, kmeans_image, kmeans_plusplus
 
 
 def _blobs(seed=0, n=150):
@@ -118,9 +118,10 @@ def _real_slices(lgg_dir, n, channels):
 def test_inertia_matches_sklearn_on_100_real_slices(lgg_dir, k):
     flair = _real_slices(lgg_dir, 100, 1)
     ours = np.asarray(kmeans_image(flair, k, key=jax.random.key(k)).inertia, np.float64)
-    theirs = np.array(
-        [KMeans(n_clusters=k, n_init=10, random_state=0).fit(im.reshape(-1, 1).astype(np.float64)).inertia_ for im in flair]
-    )
+    theirs = np.array([
+        KMeans(n_clusters=k, n_init=10, random_state=0).fit(im.reshape(-1, 1).astype(np.float64)).inertia_
+        for im in flair
+    ])
     ratio = ours / theirs
     print(f"k={k}: {len(flair)} slices, inertia ratio ours/sklearn median {np.median(ratio):.6f} max {ratio.max():.6f}")
     assert np.median(ratio) <= 1.001
@@ -135,3 +136,59 @@ def test_multichannel_matches_sklearn(lgg_dir):
     for i, im in enumerate(slices):
         sk = KMeans(4, n_init=10, random_state=0).fit(im.reshape(-1, 3).astype(np.float64))
         assert float(out.inertia[i]) <= sk.inertia_ * 1.001
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-1])
+def test_lloyd_and_convergence_rule_match_sklearn(tol):
+    # Same start, so Lloyd's iterations and the stopping rule alone decide the result.
+    from dlvae_jax.ops.kmeans import _lloyd
+
+    pts = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
+    init = np.asarray(kmeans_plusplus(jnp.asarray(pts), jnp.ones(500), 5, jax.random.key(1)))
+    cents, n_iter, done = _lloyd(jnp.asarray(pts), jnp.ones(500), jnp.asarray(init), 300, pts.var(0).mean() * tol)
+    sk = KMeans(5, init=init, n_init=1, tol=tol, algorithm="lloyd").fit(pts)
+    assert int(n_iter) == sk.n_iter_ and bool(done)
+    np.testing.assert_allclose(np.asarray(cents), sk.cluster_centers_, atol=1e-4)
+
+
+def test_kmeans_plusplus_samples_by_weight():
+    # Far outliers are what k-means++ picks first, unless their weight is zero.
+    rng = np.random.default_rng(5)
+    pts = np.concatenate([rng.normal(size=(60, 2)), [[100.0, 100.0], [-100.0, 80.0]]]).astype(np.float32)
+    w = np.ones(62, np.float32)
+    w[60:] = 0.0
+    for seed in range(5):
+        cents = np.asarray(kmeans_plusplus(jnp.asarray(pts), jnp.asarray(w), 4, jax.random.key(seed)))
+        assert (np.abs(cents) < 10).all()
+        assert all(((pts[:60] - c) ** 2).sum(1).min() == 0 for c in cents), "centroids start on weighted points"
+    both = np.asarray(kmeans_plusplus(jnp.asarray(pts), jnp.ones(62), 4, jax.random.key(0)))
+    assert (np.abs(both) > 50).any(axis=1).sum() == 2
+    # All-zero weights fall back to uniform: finite centroids taken from the points.
+    zero = np.asarray(kmeans_plusplus(jnp.asarray(pts), jnp.zeros(62), 3, jax.random.key(0)))
+    assert all(((pts - c) ** 2).sum(1).min() == 0 for c in zero)
+
+
+def test_fewer_levels_than_clusters_keeps_brightest_label():
+    # Two grey levels and k=4: k-means++ must repeat centroids; the bright pixels still get label k-1.
+    img = np.zeros((6, 8, 8), np.uint8)
+    img[:, :, :3] = 200
+    out = kmeans_image(img, 4, key=jax.random.key(0), n_init=2)
+    labels = np.asarray(out.labels)
+    assert (labels[img == 200] == 3).all() and float(np.abs(out.inertia).max()) == 0.0
+    np.testing.assert_array_equal(np.asarray(out.centroids)[:, -1], 200.0)
+
+
+def test_per_slice_keys_make_results_batch_independent():
+    imgs = np.random.default_rng(6).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    keys = jax.random.split(jax.random.key(3), 4)
+    full = kmeans_image(imgs, 3, key=keys, n_init=2)
+    part = kmeans_image(imgs[2:], 3, key=keys[2:], n_init=2)
+    np.testing.assert_array_equal(np.asarray(full.labels[2:]), np.asarray(part.labels))
+    np.testing.assert_allclose(np.asarray(full.centroids[2:]), np.asarray(part.centroids), rtol=1e-6)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="k >= 1"):
+        kmeans(np.zeros((4, 1), np.float32), 0, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="uint8"):
+        kmeans_image(np.zeros((8, 8), np.float32), 2, key=jax.random.key(0))

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from skimage import measure
 
-from dlvae_jax.ops import connected_components, largest_component, remove_small_components, roi_from_clusters
+from dlvae_jax.ops import (
+    connected_components,
+    dilate,
+    erode,
+    largest_component,
+    remove_small_components,
+    roi_from_clusters,
+)
 
 
 def _same_partition(ours: np.ndarray, ref: np.ndarray) -> bool:
@@ -39,18 +47,40 @@ def test_long_snake_component():
     assert len(np.unique(ours[m])) == 1
 
 
-def test_remove_small_and_largest():
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_remove_small_and_largest(connectivity):
     rng = np.random.default_rng(7)
     masks = rng.random((4, 32, 32)) < 0.45
-    kept = np.asarray(remove_small_components(masks, 5))
-    largest = np.asarray(largest_component(masks))
+    kept = np.asarray(remove_small_components(masks, 5, connectivity))
+    largest = np.asarray(largest_component(masks, connectivity))
     for m, k, big in zip(masks, kept, largest):
-        ref = measure.label(m, connectivity=2)
+        ref = measure.label(m, connectivity=1 if connectivity == 4 else 2)
         sizes = np.bincount(ref.ravel())
         sizes[0] = 0
         np.testing.assert_array_equal(k, sizes[ref] >= 5)
         np.testing.assert_array_equal(big, (ref > 0) & (sizes[ref] == sizes.max()))
     assert not np.asarray(largest_component(np.zeros((8, 8), bool))).any()
+
+
+def test_diagonal_touch_depends_on_connectivity():
+    m = np.zeros((5, 5), bool)
+    m[0, 0] = m[1, 1] = m[4, 4] = True  # the corner pixels test the border padding too
+    assert len(np.unique(np.asarray(connected_components(m, connectivity=8))[m])) == 2
+    assert len(np.unique(np.asarray(connected_components(m, connectivity=4))[m])) == 3
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_erode_dilate_match_scipy_at_the_border(radius):
+    rng = np.random.default_rng(radius)
+    masks = rng.random((3, 20, 23)) < 0.7
+    masks[0] = True  # all-true: erosion keeps the border (outside counts as inside)
+    square = np.ones((2 * radius + 1, 2 * radius + 1), bool)
+    ours_e, ours_d = np.asarray(erode(masks, radius)), np.asarray(dilate(masks, radius))
+    for m, e, d in zip(masks, ours_e, ours_d):
+        np.testing.assert_array_equal(e, ndimage.binary_erosion(m, square, border_value=1))
+        np.testing.assert_array_equal(d, ndimage.binary_dilation(m, square, border_value=0))
+    assert ours_e[0].all()
+    np.testing.assert_array_equal(np.asarray(erode(masks, 0)), masks)
 
 
 def _phantom_labels():

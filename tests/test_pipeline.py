@@ -39,6 +39,17 @@ def test_outputs_and_counts(classical_out, synth_dir):
     assert len(list((classical_out / "overlays").glob("*.png"))) == 3
     assert (classical_out / "dice_per_patient.png").stat().st_size > 0
     assert len((classical_out / "log.jsonl").read_text().splitlines()) == -(-len(rows) // 32)
+    # Per-volume Dice and pixel metrics recomputed from the per-slice counts: the
+    # padding of the last batch (72 slices, batches of 32) must not count anywhere.
+    h, w = tifffile.imread(masks[0]).shape
+    for patient, dice in summary["dice_volume"].items():
+        mine = [r for r in rows if r["patient"] == patient]
+        tp, pred, true = (sum(r[f] for r in mine) for f in ("overlap_pixels", "roi_pixels", "tumor_pixels"))
+        assert np.isclose(dice, 2 * tp / (pred + true) if pred + true else 1.0)
+    tp, pred, true = (sum(r[f] for r in rows) for f in ("overlap_pixels", "roi_pixels", "tumor_pixels"))
+    assert np.isclose(summary["pixel"]["precision"], tp / pred)
+    assert np.isclose(summary["pixel"]["recall"], tp / true)
+    assert np.isclose(summary["pixel"]["accuracy"], 1 - (pred + true - 2 * tp) / (len(rows) * h * w))
     # The synthetic tumors are FLAIR-bright: the ROI must overlap them.
     assert summary["pixel"]["recall"] > 0.5
     assert not list(classical_out.parent.glob(".*tmp"))
@@ -62,3 +73,53 @@ def test_bad_data_names_the_file_and_leaves_nothing(synth_dir, tmp_path, capsys)
     assert not out.exists() and list(tmp_path.iterdir()) == [data]
     assert main(["classical", "--data-dir", str(tmp_path / "missing"), "--out", str(out), "--quiet"]) == 2
     assert not out.exists()
+
+
+def test_overwrite_is_deterministic_and_batch_size_independent(classical_out, synth_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(classical_out, out)
+    (out / "stale.txt").write_text("from an earlier run")
+    assert main(["classical", "--data-dir", str(synth_dir), "--out", str(out), "--overlays", "0",
+                 "--batch-size", "24", "--overwrite", "--quiet"]) == 0
+    assert (out / "slices.jsonl").read_text() == (classical_out / "slices.jsonl").read_text()
+    assert not (out / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupted_run_leaves_old_output(classical_out, synth_dir, tmp_path, monkeypatch, capsys):
+    from dlvae_jax.data import lgg
+
+    out = tmp_path / "out"
+    shutil.copytree(classical_out, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lgg, "load_arrays", interrupt)
+    assert main(["classical", "--data-dir", str(synth_dir), "--out", str(out), "--overwrite", "--quiet"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    fresh = tmp_path / "fresh"
+    assert main(["classical", "--data-dir", str(synth_dir), "--out", str(fresh), "--quiet"]) == 130
+    assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("case", ["file", "data_inside", "batch_size"])
+def test_refuses_bad_arguments(case, synth_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["classical", "--data-dir", str(synth_dir), "--out", str(out), "--quiet"]
+    if case == "file":
+        out.write_text("keep me")
+        args.append("--overwrite")
+        message = "not a folder"
+    elif case == "data_inside":
+        shutil.copytree(synth_dir, out / "data")
+        args = ["classical", "--data-dir", str(out / "data"), "--out", str(out), "--overwrite", "--quiet"]
+        message = "holds the data folder"
+    else:
+        args += ["--batch-size", "0"]
+        message = "--batch-size"
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert case != "file" or out.read_text() == "keep me"
+    assert case != "data_inside" or len(list((out / "data").glob("*/*.tif"))) == len(list(synth_dir.glob("*/*.tif")))

@@ -26,7 +26,7 @@ from dlvae_jax.ops.roi import dilate, erode, roi_from_clusters
 
 class ClassicalResult(NamedTuple):
     """head_BxHxW bool; equalized_BxHxW uint8; labels_BxHxW int32 (0 darkest .. k-1
-    brightest, -1 outside the head); centroids_Bxk float32; roi_BxHxW bool."""
+    brightest; -1 outside the head when equalize="head"); centroids_Bxk float32; roi_BxHxW bool."""
 
     head_BxHxW: jax.Array
     equalized_BxHxW: jax.Array
@@ -49,6 +49,9 @@ def classical_stages(
 ) -> ClassicalResult:
     """Runs the classical stages on uint8 FLAIR slices [B, H, W].
 
+    `key` is one key for the batch or one key per slice ([B]; a slice's result
+    then does not depend on the other slices of its batch).
+
     `margin` pixels are eroded from the head before the ROI is taken (drops the
     bright scalp rim of FLAIR); ROI components under `min_size` pixels are dropped.
     `equalize="whole"` equalizes and clusters the whole slice, as the paper does;
@@ -56,7 +59,12 @@ def classical_stages(
     """
     if equalize not in ("head", "whole"):
         raise ValueError(f"equalize must be 'head' or 'whole', got {equalize!r}")
-    key_head, key_clusters = jax.random.split(key)
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 [..., 2] keys
+    if key.ndim:  # one key per slice
+        key_head, key_clusters = jax.vmap(jax.random.split, out_axes=1)(key)
+    else:
+        key_head, key_clusters = jax.random.split(key)
     background = kmeans_image(flair_BxHxW, 3, key=key_head, n_init=n_init)
     head = erode(dilate(background.labels > 0, closing), closing)
     region = head if equalize == "head" else None

@@ -146,6 +146,8 @@ def kmeans(
     points_NxD = jnp.asarray(points, jnp.float32)
     if points_NxD.ndim != 2:
         raise ValueError(f"kmeans expects points of shape [N, D], got {points_NxD.shape}")
+    if k < 1 or n_init < 1 or max_iter < 0:
+        raise ValueError(f"kmeans needs k >= 1, n_init >= 1, max_iter >= 0; got {k}, {n_init}, {max_iter}")
     weights_N = jnp.ones(points_NxD.shape[0], jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     total = jnp.maximum(weights_N.sum(), 1e-12)
     mean_D = weights_N @ points_NxD / total
@@ -163,9 +165,16 @@ def kmeans(
     return jax.tree.map(lambda x: x[best], runs)
 
 
-def _order_by_intensity(result: KMeansResult, intensity_K: jax.Array):
-    """Relabels so 0 is the darkest centroid; returns (old->new label map, sorted centroids)."""
-    order_K = jnp.argsort(intensity_K)
+def _order_by_intensity(result: KMeansResult, intensity_K: jax.Array, weights_N: jax.Array):
+    """Relabels so 0 is the darkest centroid; returns (old->new label map, sorted centroids).
+
+    With fewer distinct points than k, k-means++ repeats a centroid and the copy
+    stays empty (ties go to the lower index). Among equal centroids the empty one
+    ranks first, so the brightest label k-1 is never an empty copy of the brightest cluster.
+    """
+    k = intensity_K.shape[0]
+    populated_K = jax.ops.segment_sum(weights_N, result.labels, num_segments=k) > 0
+    order_K = jnp.lexsort((populated_K, intensity_K))
     rank_K = jnp.argsort(order_K).astype(jnp.int32)
     return rank_K, result.centroids[order_K]
 
@@ -192,7 +201,9 @@ def kmeans_image(
     by their mean over channels.
 
     `mask` ([..., H, W], optional) restricts the clustering to pixels inside it;
-    pixels outside get label -1. Each slice gets its own key folded from `key`.
+    pixels outside get label -1. `key` is one key, split into one per slice, or
+    an array of keys of the batch shape (one per slice: a slice's result then
+    does not depend on which batch it is in).
     """
     images = jnp.asarray(images)
     if images.dtype != jnp.uint8:
@@ -202,7 +213,9 @@ def kmeans_image(
         raise ValueError(f"kmeans_image expects [..., H, W{', C' if multichannel else ''}] images, got {images.shape}")
     batch_shape, (h, w) = spatial[:-2], spatial[-2:]
     b = math.prod(batch_shape)
-    keys = jax.random.split(key, b)
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 [..., 2] keys
+    keys = key.reshape(b) if batch_shape and key.shape == batch_shape else jax.random.split(key, b)
     inside_BxN = None if mask is None else (jnp.asarray(mask) != 0).reshape(b, h * w)
 
     if not multichannel:
@@ -213,7 +226,7 @@ def kmeans_image(
 
         def one(hist, kk):
             res = kmeans(levels_256x1, k, key=kk, n_init=n_init, max_iter=max_iter, tol=tol, weights=hist)
-            rank_K, cents = _order_by_intensity(res, res.centroids[:, 0])
+            rank_K, cents = _order_by_intensity(res, res.centroids[:, 0], hist)
             return rank_K[res.labels], cents[:, 0], res.inertia
 
         level_labels_Bx256, centroids, inertia = jax.vmap(one)(hist_Bx256, keys)
@@ -227,7 +240,7 @@ def kmeans_image(
 
         def one(points, wts, kk):
             res = kmeans(points, k, key=kk, n_init=n_init, max_iter=max_iter, tol=tol, weights=wts)
-            rank_K, cents = _order_by_intensity(res, res.centroids.mean(axis=1))
+            rank_K, cents = _order_by_intensity(res, res.centroids.mean(axis=1), wts)
             return rank_K[res.labels], cents, res.inertia
 
         labels_BxN, centroids, inertia = jax.vmap(one)(points_BxNxC, weights_BxN, keys)

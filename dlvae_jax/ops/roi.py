@@ -16,7 +16,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_NEIGHBORS = {4: ((0, 1), (0, -1), (1, 0), (-1, 0)), 8: tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)}
+_NEIGHBORS = {
+    4: ((0, 1), (0, -1), (1, 0), (-1, 0)),
+    8: tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx),
+}
 
 
 def _neighbor_max(labels_BxHxW: jax.Array, connectivity: int) -> jax.Array:
@@ -113,12 +116,16 @@ def _window(mask_BxHxW: jax.Array, radius: int, op, init) -> jax.Array:
 
 
 def erode(mask_BxHxW: jax.Array, radius: int) -> jax.Array:
-    """Binary erosion with a (2r+1)x(2r+1) square; pixels beyond the border count as inside."""
+    """Binary erosion of masks [B, H, W] with a (2r+1)x(2r+1) square.
+
+    Pixels beyond the border count as inside (scikit-image's default, scipy's
+    border_value=1): a region touching the border is not eaten from that side.
+    """
     return mask_BxHxW if radius <= 0 else _window(mask_BxHxW, radius, jax.lax.min, 1)
 
 
 def dilate(mask_BxHxW: jax.Array, radius: int) -> jax.Array:
-    """Binary dilation with a (2r+1)x(2r+1) square."""
+    """Binary dilation of masks [B, H, W] with a (2r+1)x(2r+1) square (outside the border counts as empty)."""
     return mask_BxHxW if radius <= 0 else _window(mask_BxHxW, radius, jax.lax.max, 0)
 
 
@@ -161,7 +168,7 @@ def roi_from_clusters(
     candidate = (labels_BxHxW == n_clusters - 1) & brain
     # An opening first cuts the one-pixel bridges and specks of a noisy cluster
     # map, so the components left are compact and labelling them takes few steps.
-    candidate = dilate(erode(candidate, opening), opening) & candidate
+    candidate = dilate(erode(candidate, opening), opening)
     roi = remove_small_components(candidate, min_size, connectivity)
     if centroids is not None and n_clusters >= 2:
         cents = jnp.asarray(centroids).reshape(-1, n_clusters)
