@@ -185,7 +185,7 @@ def run_classical(
                         "tumor_pixels": int(t.sum()),
                         "roi_pixels": int(roi[j].sum()),
                         "overlap_pixels": c["tp"],
-                        "dice": metrics.dice(roi[j], t),
+                        "dice": metrics.dice_from_counts(c),
                     })
                     if start + j in overlay_ids:
                         _save_overlay(
@@ -204,7 +204,7 @@ def run_classical(
         _save_dice_plot(tmp / "dice_per_patient.png", dice_volume)
         pixel_counts = {name: sum(c[name] for c in volume_counts.values()) for name in ("tp", "fp", "tn", "fn")}
         tumor_dice = [r["dice"] for r in slice_rows if r["tumor"]]
-        steady = len(records) - min(batch_size, len(records))
+        steady = len(records) - batch_size
         summary = {
             "data": source_name,
             "n_patients": len(index.patients),
