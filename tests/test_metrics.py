@@ -1,14 +1,29 @@
-"""Metrics against scikit-learn and hand-computed values."""
+"""Metrics against scikit-learn, medpy and hand-computed values."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from medpy.metric import binary as medpy_binary
 from sklearn import metrics as skm
 
-from dlvae_jax.metrics import classification_metrics, confusion, dice, dice_from_counts, iou
+from dlvae_jax.metrics import (
+    SegmentationAccumulator,
+    classification_metrics,
+    confusion,
+    dice,
+    dice_from_counts,
+    dice_per_volume,
+    hd95,
+    iou,
+    segmentation_report,
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -43,3 +58,209 @@ def test_dice_iou_match_scipy_and_sklearn(pred, truth):
     assert np.isclose(dice(pred, truth), 1 - distance.dice(pred.ravel(), truth.ravel()))
     assert np.isclose(iou(pred, truth), skm.jaccard_score(truth.ravel(), pred.ravel()))
     assert np.isclose(dice_from_counts(confusion(pred, truth)), dice(pred, truth))
+
+
+# ----------------------------------------------------------------------------- HD95, per-volume Dice, report
+
+
+def _blob_masks(rng, n, h, w, p_empty=0.3):
+    """Rectangles and speckle, some touching the border, some empty: [n, h, w] bool."""
+    out = np.zeros((n, h, w), bool)
+    for i in range(n):
+        if rng.random() < p_empty:
+            continue
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(-3, h), rng.integers(-3, w)
+            dy, dx = rng.integers(1, h // 2 + 2), rng.integers(1, w // 2 + 2)
+            out[i, max(y, 0):max(y + dy, 0), max(x, 0):max(x + dx, 0)] = True
+        if rng.random() < 0.3:
+            out[i] |= rng.random((h, w)) < 0.05
+    return out
+
+
+def test_hd95_matches_medpy_on_random_masks():
+    rng = np.random.default_rng(0)
+    pred, truth = _blob_masks(rng, 300, 24, 31), _blob_masks(rng, 300, 24, 31)
+    checked = 0
+    for a, b in zip(pred, truth):
+        if a.any() and b.any():
+            assert abs(hd95(a, b) - medpy_binary.hd95(a, b)) <= 1e-6
+            checked += 1
+    assert checked > 100
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=arrays(np.bool_, (9, 12)), b=arrays(np.bool_, (9, 12)),
+       spacing=st.tuples(st.floats(0.25, 4.0), st.floats(0.25, 4.0)))
+def test_hd95_matches_medpy_with_spacing(a, b, spacing):
+    if a.any() and b.any():
+        ref = medpy_binary.hd95(a, b, voxelspacing=spacing)
+        assert abs(hd95(a, b, spacing=spacing) - ref) <= 1e-6
+        assert abs(hd95(b, a, spacing=spacing) - ref) <= 1e-6
+
+
+def test_hd95_3d_and_full_frame_match_medpy():
+    rng = np.random.default_rng(1)
+    vol_a, vol_b = _blob_masks(rng, 5, 20, 20, 0.0), _blob_masks(rng, 5, 20, 20, 0.0)
+    assert abs(hd95(vol_a, vol_b, spacing=(3.0, 1.0, 1.0))
+               - medpy_binary.hd95(vol_a, vol_b, voxelspacing=(3.0, 1.0, 1.0))) <= 1e-6
+    full = np.ones((10, 10), bool)  # the array border is the whole surface
+    dot = np.zeros((10, 10), bool)
+    dot[4, 4] = True
+    assert abs(hd95(full, dot) - medpy_binary.hd95(full, dot)) <= 1e-6
+
+
+def test_hd95_empty_cases_and_hand_value():
+    empty = np.zeros((8, 8), bool)
+    some = empty.copy()
+    some[2:4, 2:4] = True
+    assert hd95(empty, empty) == 0.0
+    assert math.isnan(hd95(some, empty)) and math.isnan(hd95(empty, some))
+    assert hd95(some, some) == 0.0
+    shifted = np.roll(some, 3, axis=1)  # every surface pixel is 3 columns from the other square's
+    assert hd95(some, shifted) == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        hd95(some, some[:4])
+
+
+def test_dice_per_volume_hand_values():
+    pred = np.zeros((5, 4, 4), bool)
+    truth = np.zeros((5, 4, 4), bool)
+    ids = ["B", "A", "B", "C", "A"]
+    # A: slices 1, 4 -> truth 4 pixels, pred 2 of them + 2 extra: Dice 2*2/(4+4) = 0.5
+    truth[1, 0, :] = True
+    pred[1, 0, :2] = True
+    pred[4, 3, :2] = True
+    # B: slices 0, 2 -> perfect 3 pixels spread over two slices
+    truth[0, 1, :2] = pred[0, 1, :2] = True
+    truth[2, 2, 0] = pred[2, 2, 0] = True
+    # C: slice 3 -> no tumor anywhere: 1.0 by convention
+    got = dice_per_volume(pred, truth, ids)
+    assert list(got) == ["A", "B", "C"]
+    assert got == {"A": pytest.approx(0.5), "B": 1.0, "C": 1.0}
+    pred[3, 0, 0] = True  # C now has a false positive only
+    assert dice_per_volume(pred, truth, ids)["C"] == 0.0
+    with pytest.raises(ValueError):
+        dice_per_volume(pred, truth, ids[:4])
+
+
+def _reference_report(pred, truth, ids, pred_labels, true_labels):
+    """Everything recomputed with scikit-learn, medpy and plain NumPy loops."""
+    flat_t, flat_p = truth.reshape(-1), pred.reshape(-1)
+    per_slice_dice, tumor_dice, hds, skipped = [], [], [], 0
+    for p, t in zip(pred, truth):
+        den = p.sum() + t.sum()
+        per_slice_dice.append(1.0 if den == 0 else 2 * (p & t).sum() / den)
+        if t.any():
+            tumor_dice.append(per_slice_dice[-1])
+        if p.any() and t.any():
+            hds.append(medpy_binary.hd95(p, t))
+        elif p.any() != t.any():
+            skipped += 1
+    vols = {}
+    for pid in sorted(set(ids)):
+        sel = np.array([i == pid for i in ids])
+        p, t = pred[sel], truth[sel]
+        inter, union, total = (p & t).sum(), (p | t).sum(), p.sum() + t.sum()
+        vols[pid] = (1.0 if total == 0 else 2 * inter / total, 1.0 if union == 0 else inter / union)
+    return {
+        "slice_accuracy": skm.accuracy_score(true_labels, pred_labels),
+        "slice_precision": skm.precision_score(true_labels, pred_labels, zero_division=0),
+        "slice_recall": skm.recall_score(true_labels, pred_labels, zero_division=0),
+        "slice_f1": skm.f1_score(true_labels, pred_labels, zero_division=0),
+        "pixel_accuracy": skm.accuracy_score(flat_t, flat_p),
+        "pixel_precision": skm.precision_score(flat_t, flat_p, zero_division=0),
+        "pixel_recall": skm.recall_score(flat_t, flat_p, zero_division=0),
+        "pixel_f1": skm.f1_score(flat_t, flat_p, zero_division=0),
+        "dice_volume_mean": np.mean([d for d, _ in vols.values()]),
+        "dice_volume_median": np.median([d for d, _ in vols.values()]),
+        "iou_mean": np.mean([j for _, j in vols.values()]),
+        "dice_tumor_slices_mean": np.mean(tumor_dice),
+        "dice_slice_mean": np.mean(per_slice_dice),
+        "hd95_mean": np.mean(hds),
+        "hd95_n": len(hds),
+        "hd95_skipped": skipped,
+        "n_slices": len(ids),
+        "n_patients": len(vols),
+        "n_tumor_slices": int(truth.any(axis=(1, 2)).sum()),
+    }, vols
+
+
+@pytest.mark.parametrize("label_source", ["masks", "probabilities"])
+def test_segmentation_report_matches_references(label_source, monkeypatch):
+    import dlvae_jax.metrics as m
+
+    monkeypatch.setattr(m, "_CHUNK", 7)  # several chunks even on a small array
+    rng = np.random.default_rng(3)
+    n = 40
+    truth = _blob_masks(rng, n, 16, 16)
+    pred = truth.copy()
+    pred[::3] = _blob_masks(rng, len(pred[::3]), 16, 16)
+    pred[1::5] = np.roll(pred[1::5], 2, axis=2)
+    ids = [f"P{i % 4}" for i in rng.permutation(n)]
+    kwargs = {}
+    pred_labels = pred.any(axis=(1, 2))
+    if label_source == "probabilities":
+        prob = rng.random(n).astype(np.float32)
+        kwargs = {"tumor_prob_N": prob, "threshold": 0.4}
+        pred_labels = prob >= 0.4
+    ours = segmentation_report(pred, truth, ids, **kwargs)
+    ref, vols = _reference_report(pred, truth, ids, pred_labels, truth.any(axis=(1, 2)))
+    for key, value in ref.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+    assert [r["patient"] for r in ours["per_patient"]] == sorted(vols)
+    for row in ours["per_patient"]:
+        sel = np.array([i == row["patient"] for i in ids])
+        assert row["dice"] == pytest.approx(vols[row["patient"]][0])
+        assert row["iou"] == pytest.approx(vols[row["patient"]][1])
+        assert row["n_slices"] == sel.sum()
+        assert row["n_tumor_slices"] == truth[sel].any(axis=(1, 2)).sum()
+        both = [medpy_binary.hd95(p, t) for p, t in zip(pred[sel], truth[sel]) if p.any() and t.any()]
+        assert row["hd95_n"] == len(both)
+        assert (math.isnan(row["hd95"]) and not both) or row["hd95"] == pytest.approx(np.mean(both))
+    # Integer masks (the dataset's 0/255) give the same report.
+    again = segmentation_report(pred.astype(np.uint8) * 255, truth.astype(np.uint8), ids, **kwargs)
+    assert again["dice_volume_mean"] == ours["dice_volume_mean"] and again["hd95_mean"] == ours["hd95_mean"]
+
+
+def test_segmentation_report_empty_cases():
+    n, shape = 6, (6, 8, 8)
+    empty = np.zeros(shape, bool)
+    ids = ["A"] * 3 + ["B"] * 3
+    # Nothing anywhere: every Dice/IoU is 1, no HD95 measured, no positives.
+    r = segmentation_report(empty, empty, ids)
+    assert r["dice_volume_mean"] == r["dice_volume_median"] == r["iou_mean"] == r["dice_slice_mean"] == 1.0
+    assert math.isnan(r["dice_tumor_slices_mean"]) and math.isnan(r["hd95_mean"]) and math.isnan(r["hd95_median"])
+    assert r["hd95_n"] == 0 and r["hd95_skipped"] == 0 and r["n_tumor_slices"] == 0
+    assert r["slice_accuracy"] == 1.0 and r["slice_precision"] == r["slice_recall"] == r["slice_f1"] == 0.0
+    assert r["pixel_accuracy"] == 1.0 and r["pixel_f1"] == 0.0
+    assert all(math.isnan(row["hd95"]) and row["dice"] == 1.0 for row in r["per_patient"])
+    # Truth everywhere, prediction empty: recall 0, Dice 0, HD95 skipped on every tumor slice.
+    truth = empty.copy()
+    truth[:, 2:5, 2:5] = True
+    r = segmentation_report(empty, truth, ids)
+    assert r["slice_recall"] == r["pixel_recall"] == r["dice_volume_mean"] == r["dice_tumor_slices_mean"] == 0.0
+    assert r["hd95_skipped"] == n and r["hd95_n"] == 0 and math.isnan(r["hd95_mean"])
+    # Prediction everywhere, truth empty: precision 0, HD95 skipped as well.
+    r = segmentation_report(truth, empty, ids)
+    assert r["slice_precision"] == r["pixel_precision"] == r["dice_volume_mean"] == 0.0 and r["hd95_skipped"] == n
+    # Perfect on some slices, empty/empty on the rest: HD95 averages only the measured slices.
+    pred = truth.copy()
+    pred[3:] = truth[3:] = False
+    r = segmentation_report(pred, truth, ids)
+    assert r["hd95_mean"] == 0.0 and r["hd95_n"] == 3 and r["hd95_skipped"] == 0
+    assert r["dice_volume_mean"] == 1.0 and r["slice_f1"] == 1.0
+
+
+def test_accumulator_batches_equal_one_call():
+    rng = np.random.default_rng(5)
+    pred, truth = _blob_masks(rng, 20, 12, 12), _blob_masks(rng, 20, 12, 12)
+    ids = [f"P{i // 6}" for i in range(20)]
+    acc = SegmentationAccumulator()
+    for s in range(0, 20, 3):
+        part = acc.add(pred[s:s + 3], truth[s:s + 3], ids[s:s + 3])
+        assert part["dice"].shape == (len(ids[s:s + 3]),)
+    got, want = acc.report(), segmentation_report(pred, truth, ids)
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    with pytest.raises(ValueError):
+        SegmentationAccumulator().report()
