@@ -223,11 +223,31 @@ def test_changing_the_latent_changes_the_cnn_outputs(compiled):
     chex.assert_trees_all_equal(oa["logits_Bx2"], oa2["logits_Bx2"])
     assert float(jnp.max(jnp.abs(oa["logits_Bx2"] - ob["logits_Bx2"]))) > 1e-4
     assert float(jnp.max(jnp.abs(oa["mask_logits_BxHxW"] - ob["mask_logits_BxHxW"]))) > 1e-4
-    # The label given to the encoder moves the latent too.
-    o0 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.array([0, 0])))
-    o1 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.array([1, 1])))
+    # In the label-conditioned variant the label given to the encoder moves the latent too.
+    legacy = m.model.clone(cnn_condition="label")
+    infer = jit(lambda v, x: apply_model(legacy, v, x, train=False)[0])
+    o0 = infer(m.variables, dict(m.batch, condition_label_B=jnp.array([0, 0])))
+    o1 = infer(m.variables, dict(m.batch, condition_label_B=jnp.array([1, 1])))
     assert not np.allclose(o0["z_BxD"], o1["z_BxD"])
     assert not np.allclose(o0["logits_Bx2"], o1["logits_Bx2"])
+
+
+def test_the_cnn_cannot_read_the_training_label(compiled):
+    """The label shortcut: if the training label reaches the CNN (through z), the
+    network can learn to read it instead of the image and then fails on every
+    label-free slice. The default model's class and mask logits in training
+    must not depend on the true label (same keys, label flipped); the
+    label-conditioned variant's do, which is what this test guards against."""
+    m = compiled("dlvae_cnn")
+    flipped = dict(m.batch, label_B=1 - m.batch["label_B"])
+    for model, leaks in ((m.model, False), (m.model.clone(cnn_condition="label", label_dropout=0.0), True)):
+        run = jit(lambda v, x, model=model: apply_model(model, v, x, train=True, key=jax.random.key(3))[0])
+        a, b = run(m.variables, m.batch), run(m.variables, flipped)
+        for name in ("logits_Bx2", "mask_logits_BxHxW"):
+            same = np.allclose(a[name], b[name], atol=1e-6)
+            assert same != leaks, (model.cnn_condition, name)
+        # The VAE part stays conditional on the label either way.
+        assert not np.allclose(a["recon_b1_logits_BxHxWxC"], b["recon_b1_logits_BxHxWxC"])
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +256,7 @@ def inference_modes(compiled):
     batch = dict(m.batch, label_B=None)
     out = {}
     for mode in ("unknown", "predicted", "marginal"):
-        model = m.model.clone(inference_label=mode)
+        model = m.model.clone(inference_label=mode, cnn_condition="label")
         out[mode] = jit(lambda v, x, model=model: apply_model(model, v, x, train=False)[0])(m.variables, batch)
     return m, out
 
@@ -260,7 +280,8 @@ def test_predicted_mode_reencodes_with_the_predicted_label(inference_modes):
     m, out = inference_modes
     pred_B = jnp.argmax(out["unknown"]["logits_Bx2"], axis=-1)
     np.testing.assert_array_equal(out["predicted"]["resolved_label_Bx3"], np.eye(3)[np.asarray(pred_B)])
-    given = m.infer(m.variables, dict(m.batch, condition_label_B=pred_B))
+    legacy = m.model.clone(cnn_condition="label")
+    given = jit(lambda v, x: apply_model(legacy, v, x, train=False)[0])(m.variables, dict(m.batch, condition_label_B=pred_B))
     chex.assert_trees_all_close(out["predicted"], given, rtol=1e-5, atol=1e-6)
 
 
@@ -268,8 +289,10 @@ def test_marginal_mode_mixes_latents_by_pass_one_probabilities(inference_modes):
     m, out = inference_modes
     p_Bx2 = jax.nn.softmax(out["unknown"]["logits_Bx2"], axis=-1)
     chex.assert_trees_all_close(out["marginal"]["resolved_label_Bx3"][:, :2], p_Bx2, rtol=1e-5)
-    z0 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.zeros(B, jnp.int32)))["z_BxD"]
-    z1 = m.infer(m.variables, dict(m.batch, condition_label_B=jnp.ones(B, jnp.int32)))["z_BxD"]
+    legacy = m.model.clone(cnn_condition="label")
+    infer = jit(lambda v, x: apply_model(legacy, v, x, train=False)[0])
+    z0 = infer(m.variables, dict(m.batch, condition_label_B=jnp.zeros(B, jnp.int32)))["z_BxD"]
+    z1 = infer(m.variables, dict(m.batch, condition_label_B=jnp.ones(B, jnp.int32)))["z_BxD"]
     chex.assert_trees_all_close(out["marginal"]["z_BxD"], p_Bx2[:, :1] * z0 + p_Bx2[:, 1:] * z1, rtol=1e-5, atol=1e-6)
 
 
@@ -281,7 +304,7 @@ def test_inference_never_reads_the_target_label(inference_modes):
     true = m.infer(m.variables, m.batch)
     flipped = m.infer(m.variables, dict(m.batch, label_B=1 - m.batch["label_B"]))
     chex.assert_trees_all_equal(true, flipped)
-    chex.assert_trees_all_close(true, out["predicted"], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(true, m.infer(m.variables, dict(m.batch, label_B=None)), rtol=1e-5, atol=1e-6)
 
 
 def test_label_dropout_trains_the_unknown_path(compiled):

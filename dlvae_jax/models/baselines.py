@@ -41,13 +41,14 @@ class CNNBaseline(nn.Module):
     hidden: int = 128
     dropout: float = 0.5
     norm: str = "none"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: dict[str, Any], train: bool = False) -> dict[str, jax.Array]:
         x = inputs["image_BxHxWxC"].astype(self.dtype)
         for i in range(self.blocks):
-            x = ConvNormAct(self.features * 2 ** min(i, 2), norm=self.norm, dtype=self.dtype)(x, train)
+            x = ConvNormAct(self.features * 2 ** min(i, 2), norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
             x = max_pool2x(x)
         h = x.reshape(x.shape[0], -1)
         h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32)(h))
@@ -73,6 +74,7 @@ class VGG16(nn.Module):
     hidden: int = 256
     dropout: float = 0.5
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -82,7 +84,7 @@ class VGG16(nn.Module):
             if item == "M":
                 x = max_pool2x(x)
             else:
-                x = ConvNormAct(item * self.features // 64, norm=self.norm, dtype=self.dtype)(x, train)
+                x = ConvNormAct(item * self.features // 64, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         logits = ClassifierHead(self.hidden, self.dropout, dtype=self.dtype)(x, train)
         return {"logits_Bx2": logits}
 
@@ -94,13 +96,14 @@ class ResidualBlock(nn.Module):
     features: int
     strides: int = 1
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = ConvNormAct(self.features, strides=self.strides, norm=self.norm, dtype=self.dtype)(x, train)
+        y = ConvNormAct(self.features, strides=self.strides, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(y)
-        y = Norm(self.norm, dtype=self.dtype)(y, train)
+        y = Norm(self.norm, axis_name=self.norm_axis_name, dtype=self.dtype)(y, train)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = nn.Conv(
                 self.features,
@@ -111,7 +114,7 @@ class ResidualBlock(nn.Module):
                 param_dtype=jnp.float32,
                 name="shortcut",
             )(x)
-            x = Norm(self.norm, dtype=self.dtype, name="shortcut_norm")(x, train)
+            x = Norm(self.norm, axis_name=self.norm_axis_name, dtype=self.dtype, name="shortcut_norm")(x, train)
         return nn.relu(x + y)
 
 
@@ -125,16 +128,17 @@ class DCNN(nn.Module):
     features: int = 32
     blocks_per_stage: int = 2
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: dict[str, Any], train: bool = False) -> dict[str, jax.Array]:
         x = inputs["image_BxHxWxC"].astype(self.dtype)
-        x = ConvNormAct(self.features, strides=2, norm=self.norm, dtype=self.dtype)(x, train)
+        x = ConvNormAct(self.features, strides=2, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         for stage in range(4):
             for block in range(self.blocks_per_stage):
                 strides = 2 if (stage > 0 and block == 0) else 1
-                x = ResidualBlock(self.features * 2**stage, strides, self.norm, self.dtype)(x, train)
+                x = ResidualBlock(self.features * 2**stage, strides, self.norm, self.norm_axis_name, self.dtype)(x, train)
         h = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32)(h)
         return {"logits_Bx2": logits.astype(jnp.float32)}
@@ -157,6 +161,7 @@ class UNet(nn.Module):
     levels: int = 4
     classifier_hidden: int = 128
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -164,10 +169,10 @@ class UNet(nn.Module):
         x = inputs["image_BxHxWxC"].astype(self.dtype)
         skips = []
         for level in range(self.levels):
-            x = DoubleConv(self.features * 2**level, norm=self.norm, dtype=self.dtype)(x, train)
+            x = DoubleConv(self.features * 2**level, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
             skips.append(x)
             x = max_pool2x(x)
-        x = DoubleConv(self.features * 2**self.levels, norm=self.norm, dtype=self.dtype)(x, train)
+        x = DoubleConv(self.features * 2**self.levels, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         logits = ClassifierHead(self.classifier_hidden, 0.0, dtype=self.dtype)(x, train)
-        mask_logits = UNetDecoder(self.norm, self.dtype)(x, skips, train)
+        mask_logits = UNetDecoder(self.norm, self.norm_axis_name, self.dtype)(x, skips, train)
         return {"logits_Bx2": logits, "mask_logits_BxHxW": mask_logits}

@@ -40,6 +40,7 @@ from dlvae_jax.models.layers import ClassifierHead, DoubleConv, Dtype, UNetDecod
 from dlvae_jax.models.vae import LATENT_NAMES, NUM_LABEL_STATES, UNKNOWN_LABEL, DualViewVAE
 
 INFERENCE_LABEL_MODES = ("predicted", "marginal", "unknown")
+CNN_CONDITIONS = ("unknown", "label")
 
 
 class ConditionalUNet(nn.Module):
@@ -54,6 +55,7 @@ class ConditionalUNet(nn.Module):
     classifier_hidden: int = 128
     dropout: float = 0.0
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -62,16 +64,16 @@ class ConditionalUNet(nn.Module):
         z = z_BxD.astype(self.dtype)
         skips = []
         for level in range(self.levels):
-            x = DoubleConv(self.features * 2**level, norm=self.norm, dtype=self.dtype)(x, train, z)
+            x = DoubleConv(self.features * 2**level, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train, z)
             skips.append(x)
             x = max_pool2x(x)
-        x = DoubleConv(self.features * 2**self.levels, norm=self.norm, dtype=self.dtype)(x, train, z)
+        x = DoubleConv(self.features * 2**self.levels, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train, z)
         # The head also sees z directly: the slice label is a global property
         # the latent classifier D already predicts from z.
         logits = ClassifierHead(self.classifier_hidden, self.dropout, dtype=self.dtype)(x, train, z)
         if not with_mask:  # label-resolution pass: the decoder would be wasted work
             return logits, None
-        mask_logits = UNetDecoder(self.norm, self.dtype)(x, skips, train, z)
+        mask_logits = UNetDecoder(self.norm, self.norm_axis_name, self.dtype)(x, skips, train, z)
         return logits, mask_logits
 
 
@@ -106,7 +108,9 @@ class DLVAECNN(nn.Module):
     dropout: float = 0.0
     label_dropout: float = 0.2
     inference_label: str = "predicted"
+    cnn_condition: str = "unknown"
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -118,11 +122,11 @@ class DLVAECNN(nn.Module):
             shared_dim=self.shared_dim,
             features=self.vae_features,
             levels=self.vae_levels,
-            norm=self.norm,
+            norm=self.norm, norm_axis_name=self.norm_axis_name,
             dtype=self.dtype,
         )
         self.cnn = ConditionalUNet(
-            features=self.features, levels=self.levels, dropout=self.dropout, norm=self.norm, dtype=self.dtype
+            features=self.features, levels=self.levels, dropout=self.dropout, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype
         )
 
     def _encode(self, image, b2, y_Bx3, train):
@@ -131,21 +135,91 @@ class DLVAECNN(nn.Module):
         return enc, z_BxD
 
     def __call__(self, inputs: dict[str, Any], train: bool = False) -> dict[str, jax.Array]:
-        image = inputs["image_BxHxWxC"]
-        b = image.shape[0]
-        b2 = jax.nn.one_hot(inputs["clusters_BxHxW"], self.num_clusters, dtype=jnp.float32)
-        # At inference the target label must not reach the encoders (leakage).
+        if self.cnn_condition not in CNN_CONDITIONS:
+            raise ValueError(f"cnn_condition must be one of {CNN_CONDITIONS}, got {self.cnn_condition!r}")
+        if self.cnn_condition == "unknown":
+            return self._label_free_cnn(inputs, train)
+        return self._label_conditioned_cnn(inputs, train)
+
+    def _vae_label(self, inputs, train, b):
+        """The label Y the VAE is conditioned on: `condition_label_B` if given,
+        else the true label in training (with label dropout), else None."""
         label_B = inputs.get("condition_label_B")
         if label_B is None and train:
             label_B = inputs.get("label_B")
+        if label_B is None:
+            return None
+        label_B = jnp.asarray(label_B, jnp.int32)
+        if train and self.label_dropout > 0:
+            drop_B = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, (b,))
+            label_B = jnp.where(drop_B, UNKNOWN_LABEL, label_B)
+        return label_B
+
+    def _label_free_cnn(self, inputs, train):
+        """cnn_condition='unknown': the CNN always sees z encoded with Y = unknown,
+        in training and inference alike, so it cannot learn to read the label
+        (the shortcut that made the label-conditioned variant predict 'no tumor'
+        for every held-out slice). The label-conditioned encoding still trains
+        the conditional VAE (Eqs. 6-8); Eq. 9's classifier D reads the
+        label-free latents, which pushes them to carry the tumor evidence."""
+        image = inputs["image_BxHxWxC"]
+        b = image.shape[0]
+        b2 = jax.nn.one_hot(inputs["clusters_BxHxW"], self.num_clusters, dtype=jnp.float32)
+        unknown_Bx3 = jax.nn.one_hot(jnp.full((b,), UNKNOWN_LABEL), NUM_LABEL_STATES, dtype=jnp.float32)
+        free, z_BxD = self._encode(image, b2, unknown_Bx3, train)
+        if inputs.get("z_BxD") is not None:
+            z_BxD = jnp.asarray(inputs["z_BxD"], jnp.float32)
+        logits, mask_logits = self.cnn(image, z_BxD, train)
+
+        label_B = self._vae_label(inputs, train, b)
+        if label_B is not None:
+            y_Bx3 = jax.nn.one_hot(label_B, NUM_LABEL_STATES, dtype=jnp.float32)
+            enc, _ = self._encode(image, b2, y_Bx3, train)
+        elif self.inference_label == "unknown":
+            y_Bx3, enc = unknown_Bx3, free
+        elif self.inference_label == "predicted":
+            y_Bx3 = jax.nn.one_hot(jnp.argmax(logits, -1), NUM_LABEL_STATES, dtype=jnp.float32)
+            enc, _ = self._encode(image, b2, y_Bx3, train)
+        else:  # marginal
+            enc, y_Bx3 = self._marginal_encoding(image, b2, logits, train)
+        return self._outputs(image, enc, y_Bx3, free["z"], z_BxD, logits, mask_logits, train)
+
+    def _marginal_encoding(self, image, b2, logits_Bx2, train):
+        b = image.shape[0]
+        p_Bx2 = jax.nn.softmax(logits_Bx2, axis=-1)
+        encs = [self._encode(image, b2, jax.nn.one_hot(jnp.full((b,), c), NUM_LABEL_STATES), train) for c in (0, 1)]
+        mix = lambda a0, a1: p_Bx2[:, :1] * a0 + p_Bx2[:, 1:] * a1
+        enc = jax.tree_util.tree_map(mix, encs[0][0], encs[1][0])
+        y_Bx3 = jnp.concatenate([p_Bx2, jnp.zeros((b, 1), jnp.float32)], axis=-1)
+        return enc, y_Bx3
+
+    def _outputs(self, image, enc, y_Bx3, classify_z, z_BxD, logits, mask_logits, train):
+        rec_b1, rec_b2 = self.vae.decode(enc["z"], y_Bx3, image.shape[1:3], image.shape[-1], train)
+        return {
+            "logits_Bx2": logits,
+            "mask_logits_BxHxW": mask_logits,
+            "latent_logits_Bx2": self.vae.classify(classify_z),
+            "latent_means": enc["means"],
+            "latent_logvars": enc["logvars"],
+            "z_pv_BxD": enc["z"]["pv"],
+            "z_qv_BxD": enc["z"]["qv"],
+            "z_BxD": z_BxD.astype(jnp.float32),
+            "recon_b1_logits_BxHxWxC": rec_b1,
+            "recon_b2_logits_BxHxWxK": rec_b2,
+            "resolved_label_Bx3": y_Bx3,
+        }
+
+    def _label_conditioned_cnn(self, inputs, train):
+        """cnn_condition='label': the CNN sees the label-conditioned z (the
+        paper's literal design, kept for comparison; prone to the label shortcut)."""
+        image = inputs["image_BxHxWxC"]
+        b = image.shape[0]
+        b2 = jax.nn.one_hot(inputs["clusters_BxHxW"], self.num_clusters, dtype=jnp.float32)
+        label_B = self._vae_label(inputs, train, b)
         z_override_BxD = inputs.get("z_BxD")
         unknown_Bx3 = jax.nn.one_hot(jnp.full((b,), UNKNOWN_LABEL), NUM_LABEL_STATES, dtype=jnp.float32)
 
         if label_B is not None:
-            label_B = jnp.asarray(label_B, jnp.int32)
-            if train and self.label_dropout > 0:
-                drop_B = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, (b,))
-                label_B = jnp.where(drop_B, UNKNOWN_LABEL, label_B)
             y_Bx3 = jax.nn.one_hot(label_B, NUM_LABEL_STATES, dtype=jnp.float32)
             enc, z_BxD = self._encode(image, b2, y_Bx3, train)
         else:
@@ -157,31 +231,11 @@ class DLVAECNN(nn.Module):
                 if self.inference_label == "predicted":
                     y_Bx3 = jax.nn.one_hot(jnp.argmax(pass1_logits, -1), NUM_LABEL_STATES, dtype=jnp.float32)
                     enc, z_BxD = self._encode(image, b2, y_Bx3, train)
-                else:  # marginal
-                    p_Bx2 = jax.nn.softmax(pass1_logits, axis=-1)
-                    encs = [
-                        self._encode(image, b2, jax.nn.one_hot(jnp.full((b,), c), NUM_LABEL_STATES), train)
-                        for c in (0, 1)
-                    ]
-                    mix = lambda a0, a1: p_Bx2[:, :1] * a0 + p_Bx2[:, 1:] * a1
-                    enc = jax.tree_util.tree_map(mix, encs[0][0], encs[1][0])
-                    z_BxD = mix(encs[0][1], encs[1][1])
-                    y_Bx3 = jnp.concatenate([p_Bx2, jnp.zeros((b, 1), jnp.float32)], axis=-1)
+                else:
+                    enc, y_Bx3 = self._marginal_encoding(image, b2, pass1_logits, train)
+                    z_BxD = jnp.concatenate([enc["z"][n] for n in LATENT_NAMES], axis=-1)
 
         if z_override_BxD is not None:
             z_BxD = jnp.asarray(z_override_BxD, jnp.float32)
         logits, mask_logits = self.cnn(image, z_BxD, train)
-        rec_b1, rec_b2 = self.vae.decode(enc["z"], y_Bx3, image.shape[1:3], image.shape[-1], train)
-        return {
-            "logits_Bx2": logits,
-            "mask_logits_BxHxW": mask_logits,
-            "latent_logits_Bx2": self.vae.classify(enc["z"]),
-            "latent_means": enc["means"],
-            "latent_logvars": enc["logvars"],
-            "z_pv_BxD": enc["z"]["pv"],
-            "z_qv_BxD": enc["z"]["qv"],
-            "z_BxD": z_BxD.astype(jnp.float32),
-            "recon_b1_logits_BxHxWxC": rec_b1,
-            "recon_b2_logits_BxHxWxK": rec_b2,
-            "resolved_label_Bx3": y_Bx3,
-        }
+        return self._outputs(image, enc, y_Bx3, enc["z"], z_BxD, logits, mask_logits, train)

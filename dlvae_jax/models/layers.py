@@ -40,6 +40,9 @@ class Norm(nn.Module):
 
     kind: str = "batch"
     use_affine: bool = True
+    # Under shard_map/pmap, batch statistics are averaged over this mapped axis,
+    # so every device normalizes with the global batch's statistics.
+    axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -47,6 +50,7 @@ class Norm(nn.Module):
         if self.kind == "batch":
             return nn.BatchNorm(
                 use_running_average=not train,
+                axis_name=self.axis_name if train else None,
                 momentum=0.9,
                 epsilon=1e-5,
                 use_scale=self.use_affine,
@@ -97,6 +101,7 @@ class ConvNormAct(nn.Module):
     kernel: int = 3
     strides: int = 1
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -111,7 +116,7 @@ class ConvNormAct(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
         )(x)
-        x = Norm(self.norm, use_affine=z_BxD is None, dtype=self.dtype)(x, train)
+        x = Norm(self.norm, axis_name=self.norm_axis_name, use_affine=z_BxD is None, dtype=self.dtype)(x, train)
         if z_BxD is not None:
             x = FiLM(dtype=self.dtype)(x, z_BxD)
         return nn.relu(x)
@@ -122,12 +127,13 @@ class DoubleConv(nn.Module):
 
     features: int
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, z_BxD: jax.Array | None = None) -> jax.Array:
-        x = ConvNormAct(self.features, norm=self.norm, dtype=self.dtype)(x, train, z_BxD)
-        return ConvNormAct(self.features, norm=self.norm, dtype=self.dtype)(x, train, z_BxD)
+        x = ConvNormAct(self.features, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train, z_BxD)
+        return ConvNormAct(self.features, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train, z_BxD)
 
 
 def max_pool2x(x: jax.Array) -> jax.Array:
@@ -143,6 +149,7 @@ class UNetDecoder(nn.Module):
     """
 
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -150,9 +157,9 @@ class UNetDecoder(nn.Module):
         for skip in reversed(skips):
             feats = skip.shape[-1]
             x = upsample2x_nearest(x)
-            x = ConvNormAct(feats, norm=self.norm, dtype=self.dtype)(x, train)
+            x = ConvNormAct(feats, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-            x = DoubleConv(feats, norm=self.norm, dtype=self.dtype)(x, train, z_BxD)
+            x = DoubleConv(feats, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train, z_BxD)
         logits = nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="mask_head")(x)
         return logits[..., 0].astype(jnp.float32)
 

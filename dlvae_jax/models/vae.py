@@ -56,6 +56,7 @@ class ViewEncoder(nn.Module):
     levels: int
     bottleneck_channels: int = 16
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -63,10 +64,10 @@ class ViewEncoder(nn.Module):
         b, h, w, _ = view_BxHxWxC.shape
         x = jnp.concatenate([view_BxHxWxC.astype(self.dtype), _label_maps(y_Bx3, h, w, self.dtype)], axis=-1)
         for level in range(self.levels):
-            x = ConvNormAct(self.features * 2**level, strides=2, norm=self.norm, dtype=self.dtype)(x, train)
+            x = ConvNormAct(self.features * 2**level, strides=2, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         # A 1x1 conv narrows the channels before flattening, so the Dense heads
         # stay small (16x16x16 -> D at 256x256) while keeping spatial layout.
-        x = ConvNormAct(self.bottleneck_channels, kernel=1, norm=self.norm, dtype=self.dtype)(x, train)
+        x = ConvNormAct(self.bottleneck_channels, kernel=1, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         x = jnp.concatenate([x.reshape(b, -1), y_Bx3.astype(self.dtype)], axis=-1)
         dense = lambda d, name: nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         out = (
@@ -92,6 +93,7 @@ class ViewDecoder(nn.Module):
     levels: int
     bottleneck_channels: int = 16
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -110,7 +112,7 @@ class ViewDecoder(nn.Module):
         x = nn.relu(x).reshape(z.shape[0], h0, w0, self.bottleneck_channels)
         for level in reversed(range(self.levels)):
             x = upsample2x_nearest(x)
-            x = ConvNormAct(self.features * 2**level, norm=self.norm, dtype=self.dtype)(x, train)
+            x = ConvNormAct(self.features * 2**level, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
         logits = nn.Conv(out_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="out")(x)
         return logits.astype(jnp.float32)
 
@@ -129,10 +131,11 @@ class DualViewVAE(nn.Module):
     levels: int = 4
     classifier_hidden: int = 64
     norm: str = "batch"
+    norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        kw = dict(features=self.features, levels=self.levels, norm=self.norm, dtype=self.dtype)
+        kw = dict(features=self.features, levels=self.levels, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)
         self.encoder_b1 = ViewEncoder(self.specific_dim, self.shared_dim, **kw)
         self.encoder_b2 = ViewEncoder(self.specific_dim, self.shared_dim, **kw)
         self.decoder_b1 = ViewDecoder(**kw)
