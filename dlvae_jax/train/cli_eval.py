@@ -1,0 +1,90 @@
+"""`dlvae-jax evaluate` and `dlvae-jax predict`.
+
+The handlers import their modules on first use, so building the parser
+(every `dlvae-jax` call) does not import JAX.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_CHECKPOINTS = ("best", "latest")
+
+
+def _progress(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _cmd_evaluate(args) -> int:
+    from dlvae_jax.train import evaluate
+
+    report = evaluate.evaluate(
+        args.workdir,
+        data_dir=args.data_dir,
+        split=args.split,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        n_overlays=args.overlays,
+        progress=_progress(args),
+    )
+    split = report["split"]
+    print(evaluate.format_table(report))
+    print(f"\nwrote {args.workdir}: metrics_{split}.json, metrics.json, per_patient_{split}.csv, eval_{split}/")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from dlvae_jax.train import predict
+
+    rows = predict.predict(
+        args.workdir,
+        args.inputs,
+        args.out,
+        checkpoint=args.checkpoint,
+        samples=args.samples,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+    )
+    n_tumor = sum(r["tumor"] for r in rows)
+    print(f"{len(rows)} slices, {n_tumor} called tumor; wrote {args.out} (predictions.jsonl, masks, overlays"
+          + (", mean and entropy maps)" if args.samples else ")"))
+    return 0
+
+
+def register(subparsers) -> None:
+    from dlvae_jax.train.evaluate import SPLIT_CHOICES
+    from dlvae_jax.train.evaluate import __doc__ as evaluate_doc
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a trained workdir on a split: metrics.json, per-patient CSV, plots, table beside the paper's",
+        description=evaluate_doc,
+    )
+    p.add_argument("--workdir", required=True, help="training folder (holds config.json, splits.json, checkpoints/)")
+    p.add_argument("--data-dir", default=None, help="LGG-layout folder; default: the one in the training config")
+    p.add_argument("--split", choices=SPLIT_CHOICES, default="test",
+                   help="patients to score: a split of WORKDIR/splits.json, or all of the data folder (default test)")
+    p.add_argument("--checkpoint", choices=_CHECKPOINTS, default="best", help="checkpoint to load (default best)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per predictor call (default 32)")
+    p.add_argument("--overlays", type=int, default=8, help="overlay PNGs to write (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_evaluate)
+
+    from dlvae_jax.train.predict import __doc__ as predict_doc
+
+    p = subparsers.add_parser(
+        "predict",
+        help="masks, probabilities, overlays (and uncertainty maps) for slice TIFFs or patient folders",
+        description=predict_doc,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="slice TIFF (<name>_<n>.tif) or folder of them")
+    p.add_argument("--workdir", required=True, help="training folder to load the model from")
+    p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
+    p.add_argument("--checkpoint", choices=_CHECKPOINTS, default="best", help="checkpoint to load (default best)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="stochastic predictions per slice for the mean and entropy maps (default 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)

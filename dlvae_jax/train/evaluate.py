@@ -1,0 +1,344 @@
+"""`dlvae-jax evaluate`: a trained model's predictions on LGG slices, scored against the masks.
+
+Decision rule (shared with `dlvae-jax predict`, see `decide`): a slice is
+called "tumor" when the class head's probability ``tumor_prob >= 0.5``; its
+mask is the pixels with ``prob >= 0.5``, and the mask of a slice called "no
+tumor" is emptied. The class head thus decides presence, the pixel map
+decides extent, and slice labels and masks never contradict each other in
+the "no tumor" direction (a "tumor" slice may still get an empty mask).
+
+Metrics are computed at the data's resolution (the predictor returns
+probabilities at its input's size) with `dlvae_jax.metrics` (empty-mask
+rules in its docstring). Outputs, all inside the workdir W and each written
+atomically:
+
+* ``W/metrics_<split>.json``: the report of that split (keys of
+  `dlvae_jax.metrics.segmentation_report` plus ``data_dir``, ``split``,
+  ``checkpoint``, ``checkpoint_step``, ``threshold``, ``n_patients_in_train``);
+  NaN (e.g. HD95 with nothing to measure) is written as null;
+* ``W/metrics.json``: the same content for the latest evaluation, whatever
+  its split, so one place always holds the most recent figures;
+* ``W/per_patient_<split>.csv``: one row per patient;
+* ``W/eval_<split>/``: ``dice_per_patient.png`` and ``overlays/*.png``
+  (FLAIR with the truth outline in green, the prediction's in red, overlap
+  yellow), replaced as a whole on each run.
+
+`split` is a name from ``W/splits.json`` (``val`` is accepted for
+``validation``) or ``all``: every patient of the data folder, which may be a
+folder training never saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlvae_jax import metrics
+from dlvae_jax.errors import DlvaeError
+from dlvae_jax.io import atomic_path, write_json, write_text
+
+THRESHOLD = 0.5
+MARKER = ".dlvae-jax"
+SPLIT_CHOICES = ("train", "val", "validation", "test", "all")
+_SPLIT_ALIASES = {"val": "validation"}
+
+# Rao et al., Tables I-IV, in percent. The paper states neither whether these
+# are per slice or per pixel nor any Dice, and its F1 (99.99) exceeds the
+# harmonic mean of its own precision and recall (99.44).
+PAPER_MODELS = ("DL-VAE-CNN", "CNN", "VGG16-CNN", "DCNN")
+PAPER_PERCENT = {
+    "accuracy": {"DL-VAE-CNN": 99.91, "CNN": 95.44, "VGG16-CNN": 93.74, "DCNN": 98.51},
+    "precision": {"DL-VAE-CNN": 99.90, "CNN": 91.0, "VGG16-CNN": 92.0, "DCNN": 99.18},
+    "recall": {"DL-VAE-CNN": 98.99, "CNN": 95.0, "VGG16-CNN": 92.1, "DCNN": 97.90},
+    "f1": {"DL-VAE-CNN": 99.99, "CNN": 93.0, "VGG16-CNN": 67.08, "DCNN": 98.53},
+}
+
+PER_PATIENT_COLUMNS = ("patient", "n_slices", "n_tumor_slices", "n_pred_tumor_slices", "dice", "iou", "hd95", "hd95_n")
+
+
+def load_predictor(workdir: str | os.PathLike, checkpoint: str = "best"):
+    """`dlvae_jax.train.inference.load_predictor`, imported on first use (tests replace this)."""
+    from dlvae_jax.train import inference
+
+    return inference.load_predictor(workdir, checkpoint)
+
+
+def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Applies the decision rule of the module docstring to one predictor output.
+
+    out: {"prob_BxHxW": float [B, H, W], "tumor_prob_B": float [B]} for n
+    slices of shape_HxW. Returns (masks bool [B, H, W], labels bool [B]).
+    Raises DlvaeError when the output does not have those shapes.
+    """
+    try:
+        prob, tumor_prob = np.asarray(out["prob_BxHxW"]), np.asarray(out["tumor_prob_B"]).reshape(-1)
+    except (KeyError, TypeError) as err:
+        raise DlvaeError(f"predictor output lacks {err}; expected prob_BxHxW and tumor_prob_B") from None
+    if prob.shape != (n, *shape_HxW) or tumor_prob.shape != (n,):
+        raise DlvaeError(
+            f"predictor returned prob {prob.shape} and tumor_prob {tumor_prob.shape} "
+            f"for {n} slices of {shape_HxW[0]}x{shape_HxW[1]}"
+        )
+    labels = tumor_prob >= THRESHOLD
+    masks = (prob >= THRESHOLD) & labels[:, None, None]
+    return masks, labels
+
+
+def _check_workdir(workdir: Path) -> None:
+    if not workdir.is_dir():
+        raise DlvaeError(f"{workdir}: no such training folder")
+    for name in (MARKER, "config.json"):
+        if not (workdir / name).exists():
+            raise DlvaeError(f"{workdir}: not a dlvae-jax training folder (no {name})")
+
+
+def _config_data_dir(config: Any) -> str | None:
+    try:
+        value = config.data.data_dir
+    except (AttributeError, KeyError):
+        return None
+    return str(value) if value else None
+
+
+def select_records(index, workdir: Path, split: str):
+    """Slice records of `split` in `index`, and how many of them belong to training patients.
+
+    split: a name in W/splits.json or "all". Raises DlvaeError when a named
+    split's patients are (partly) absent from the data folder: its figures
+    would silently describe another set of patients.
+    """
+    from dlvae_jax.data.splits import SPLITS_FILE, read_splits
+
+    splits_path = workdir / SPLITS_FILE
+    present = set(index.patients)
+    if split == "all":
+        train = set(read_splits(splits_path).get("train", ())) if splits_path.is_file() else set()
+        return list(index.records), len(present & train)
+    splits = read_splits(splits_path)
+    if split not in splits:
+        raise DlvaeError(f"{splits_path}: no split named {split!r}; have {sorted(splits)} (or use --split all)")
+    wanted = splits[split]
+    missing = [p for p in wanted if p not in present]
+    if missing:
+        which = "none" if len(missing) == len(wanted) else f"{len(missing)} of {len(wanted)}"
+        raise DlvaeError(
+            f"{index.root}: {which} of the {split} patients in {splits_path} are in this data folder "
+            f"(e.g. {missing[0]}); pass the data folder used for training, or --split all to score every patient here"
+        )
+    return index.for_patients(wanted), len(set(wanted) & set(splits.get("train", ())))
+
+
+def _evenly(ids: list[int], m: int) -> list[int]:
+    if m <= 0 or not ids:
+        return []
+    return [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(m, len(ids))).round().astype(int))]
+
+
+def _overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
+    """Up to n slice indices, half of them with tumor, spread evenly through the records."""
+    tumor = [i for i, t in enumerate(has_tumor) if t]
+    other = [i for i, t in enumerate(has_tumor) if not t]
+    chosen = _evenly(tumor, (n + 1) // 2)
+    return set(chosen + _evenly(other, n - len(chosen)))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def outline(mask_HxW: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a mask (mask minus its connectivity-1 erosion): bool [H, W]."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask_HxW, bool)
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+
+
+def overlay_rgb(flair_HxW: np.ndarray, pred_HxW: np.ndarray, truth_HxW: np.ndarray | None = None) -> np.ndarray:
+    """FLAIR in gray with outlines: prediction red, truth green, both yellow. uint8 [H, W, 3]."""
+    rgb = np.repeat(np.asarray(flair_HxW, np.uint8)[:, :, None], 3, axis=2)
+    p = outline(pred_HxW)
+    t = outline(truth_HxW) if truth_HxW is not None else np.zeros_like(p)
+    rgb[p & ~t] = (255, 0, 0)
+    rgb[t & ~p] = (0, 255, 0)
+    rgb[p & t] = (255, 255, 0)
+    return rgb
+
+
+def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
+    """Writes an image (uint8 [H, W] or [H, W, 3], or float with cmap/vmin/vmax) as PNG at its own size."""
+    import matplotlib.image
+
+    buf = io.BytesIO()
+    # metadata without "Software" keeps the bytes free of the matplotlib version.
+    matplotlib.image.imsave(buf, image, format="png", metadata={"Software": None}, **imsave_kwargs)
+    Path(path).write_bytes(buf.getvalue())
+
+
+def save_dice_plot(path: Path, rows: list[dict], title: str) -> None:
+    """Bar chart of the per-volume Dice of each patient, with the mean and median."""
+    from matplotlib.figure import Figure
+
+    names = [r["patient"] for r in rows]
+    values = [r["dice"] for r in rows]
+    fig = Figure(figsize=(max(4.0, 0.3 * len(names) + 1.5), 3.4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), values, color="tab:blue")
+    ax.axhline(float(np.mean(values)), color="tab:red", lw=1, label=f"mean {np.mean(values):.3f}")
+    ax.axhline(float(np.median(values)), color="tab:orange", lw=1, ls="--", label=f"median {np.median(values):.3f}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Dice per volume")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, NumPy scalars -> Python: strict JSON for any reader."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def per_patient_csv(rows: list[dict]) -> str:
+    """The per-patient rows as CSV text (empty cell for a NaN HD95)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PER_PATIENT_COLUMNS)
+    for r in rows:
+        writer.writerow(["" if r[c] is None or (isinstance(r[c], float) and math.isnan(r[c])) else r[c]
+                         for c in PER_PATIENT_COLUMNS])
+    return buf.getvalue()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    """Our Eqs. 13-16 (per slice and per pixel) beside the paper's Tables I-IV, then Dice/IoU/HD95."""
+    head = f"{'metric':<20}{'slice':>8}{'pixel':>8}  |" + "".join(f"{m:>12}" for m in PAPER_MODELS)
+    lines = [
+        f"split {report['split']}: {report['n_patients']} patients, {report['n_slices']} slices "
+        f"({report['n_tumor_slices']} with tumor), checkpoint step {report['checkpoint_step']}",
+        "",
+        f"{'':<20}{'this model (%)':>16}  |  Rao et al., Tables I-IV (%)",
+        head,
+        "-" * len(head),
+    ]
+    for key, name in (("accuracy", "accuracy (Eq. 13)"), ("precision", "precision (Eq. 14)"),
+                      ("recall", "recall (Eq. 15)"), ("f1", "F1 (Eq. 16)")):
+        lines.append(
+            f"{name:<20}{_pct(report[f'slice_{key}']):>8}{_pct(report[f'pixel_{key}']):>8}  |"
+            + "".join(f"{PAPER_PERCENT[key][m]:>12.2f}" for m in PAPER_MODELS)
+        )
+    lines += [
+        "",
+        "The paper states no Dice, IoU or HD95, nor whether its figures are per slice or per pixel;",
+        "its DL-VAE-CNN F1 (99.99) exceeds the 99.44 that its own precision and recall give.",
+        "",
+        f"{'Dice per volume':<28}mean {_num(report['dice_volume_mean'])}   median {_num(report['dice_volume_median'])}",
+        f"{'Dice, tumor slices':<28}mean {_num(report['dice_tumor_slices_mean'])}",
+        f"{'IoU per volume':<28}mean {_num(report['iou_mean'])}",
+        f"{'HD95 (pixels)':<28}mean {_num(report['hd95_mean'], 2)}   median {_num(report['hd95_median'], 2)}"
+        f"   ({report['hd95_n']} slices; {report['hd95_skipped']} with one mask empty skipped)",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate(
+    workdir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    checkpoint: str = "best",
+    batch_size: int = 32,
+    n_overlays: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
+
+    data_dir: an LGG-layout folder (default: the config's ``data.data_dir``).
+    split: see the module docstring. checkpoint: "best" or "latest".
+    """
+    from tqdm import tqdm
+
+    from dlvae_jax.data import lgg
+
+    workdir = Path(workdir)
+    _check_workdir(workdir)
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in SPLIT_CHOICES:
+        raise DlvaeError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
+    if batch_size < 1:
+        raise DlvaeError(f"--batch-size must be at least 1, got {batch_size}")
+    predictor = load_predictor(workdir, checkpoint)
+    if data_dir is None:
+        data_dir = _config_data_dir(predictor.config)
+        if data_dir is None:
+            raise DlvaeError(f"{workdir}: the training config names no data.data_dir; pass --data-dir")
+    index = lgg.scan(data_dir, progress=progress)
+    records, n_in_train = select_records(index, workdir, split)
+    if split == "all" and n_in_train:
+        print(f"note: {n_in_train} of these patients were used for training", file=sys.stderr)
+
+    chosen = _overlay_choice([r.has_tumor for r in records], n_overlays)
+    kept: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, float]] = []
+    acc = metrics.SegmentationAccumulator()
+    bar = tqdm(total=len(records), desc=f"evaluate {split}", unit="slice", disable=not progress, file=sys.stderr)
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        flair, truth = lgg.load_arrays(batch, "flair")
+        masks, labels = decide(predictor(flair), len(batch), flair.shape[1:])
+        truth = truth.astype(bool)
+        part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
+        for j in range(len(batch)):
+            if start + j in chosen:
+                kept.append((batch[j], flair[j], truth[j], masks[j], float(part["dice"][j])))
+        bar.update(len(batch))
+    bar.close()
+
+    report = acc.report()
+    report.update({
+        "data_dir": str(index.root),
+        "split": split,
+        "checkpoint": checkpoint,
+        "checkpoint_step": int(predictor.step),
+        "threshold": THRESHOLD,
+        "n_patients_in_train": int(n_in_train),
+    })
+    report = _json_safe(report)
+
+    with atomic_path(workdir / f"eval_{split}", replace_dir=True) as tmp:
+        (tmp / "overlays").mkdir(parents=True)
+        save_dice_plot(tmp / "dice_per_patient.png", report["per_patient"],
+                       f"{split}: Dice per patient volume (checkpoint step {report['checkpoint_step']})")
+        for record, f, t, m, d in kept:
+            save_png(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}_dice{d:.2f}.png",
+                     overlay_rgb(f, m, t))
+    write_text(workdir / f"per_patient_{split}.csv", per_patient_csv(report["per_patient"]))
+    write_json(workdir / f"metrics_{split}.json", report)
+    write_json(workdir / "metrics.json", report)
+    return report

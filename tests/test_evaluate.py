@@ -1,0 +1,289 @@
+"""`dlvae-jax evaluate` / `predict` with a fake predictor on a tiny synthetic dataset.
+
+The fake looks the truth up from the FLAIR bytes, so its predictions are
+known exactly; every figure is recomputed here with scikit-learn, medpy and
+plain NumPy. Tests with a real trained workdir live with the training tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import zlib
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+import tifffile
+from medpy.metric import binary as medpy_binary
+from scipy import special
+from sklearn import metrics as skm
+
+from dlvae_jax import cli
+from dlvae_jax.data import lgg
+from dlvae_jax.data.splits import write_splits
+from dlvae_jax.io import write_json
+from dlvae_jax.train import evaluate as evaluate_mod
+from dlvae_jax.train import predict as predict_mod
+
+N_PATIENTS, N_SLICES, SIZE = 4, 6, 64  # patient index 3 has no tumor
+
+
+class FakePredictor:
+    """Follows the inference contract; `mode` picks what it predicts."""
+
+    def __init__(self, data_dir: Path, mode: str):
+        self.config = ml_collections.ConfigDict({"data": {"data_dir": str(data_dir), "image_size": SIZE}})
+        self.step = 7
+        self.mode = mode
+        index = lgg.scan(data_dir)
+        flair, masks = lgg.load_arrays(index.records)
+        self.truth = {f.tobytes(): m.astype(bool) for f, m in zip(flair, masks)}
+        self.draws: dict[bytes, np.ndarray] = {}
+
+    def _rng(self, flair_HxW: np.ndarray, salt: int = 0) -> np.random.Generator:
+        return np.random.default_rng([zlib.crc32(flair_HxW.tobytes()), salt])
+
+    def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+        truth = np.stack([self.truth[f.tobytes()] for f in flair_BxHxW])
+        has = truth.any(axis=(1, 2))
+        if self.mode == "truth":
+            prob, tumor_prob = np.where(truth, 0.9, 0.1), np.where(has, 0.8, 0.2)
+        elif self.mode == "empty":
+            prob, tumor_prob = np.zeros(truth.shape), np.zeros(len(truth))
+        else:  # "noisy": a shifted, speckled truth and a coin-flip class head, fixed per slice
+            prob = np.empty(truth.shape)
+            tumor_prob = np.empty(len(truth))
+            for i, f in enumerate(flair_BxHxW):
+                rng = self._rng(f)
+                prob[i] = 0.7 * np.roll(truth[i], int(rng.integers(-3, 4)), axis=1) + 0.4 * rng.random(f.shape)
+                tumor_prob[i] = rng.random()
+        return {"prob_BxHxW": prob.astype(np.float32), "tumor_prob_B": tumor_prob.astype(np.float32)}
+
+    def sample(self, flair_BxHxW: np.ndarray, n: int, seed: int) -> np.ndarray:
+        out = np.stack([self._rng(f, seed).random((n, *f.shape)) for f in flair_BxHxW], axis=1).astype(np.float32)
+        for i, f in enumerate(flair_BxHxW):
+            self.draws[f.tobytes()] = out[:, i]
+        return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from dlvae_jax.data.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("eval") / "lgg", n_patients=N_PATIENTS, seed=0, size=SIZE,
+                      slices_per_patient=N_SLICES)
+
+
+@pytest.fixture()
+def workdir(tmp_path, data_dir) -> Path:
+    w = tmp_path / "run"
+    w.mkdir()
+    (w / ".dlvae-jax").write_text("{}\n")
+    index = lgg.scan(data_dir)
+    p = index.patients
+    write_splits(w, index, {"train": [p[0]], "validation": [p[2]], "test": [p[1], p[3]]}, seed=0)
+    write_json(w / "config.json", {"data": {"data_dir": str(data_dir)}})
+    return w
+
+
+@pytest.fixture()
+def use_fake(monkeypatch, data_dir):
+    """Installs a FakePredictor of the given mode for both commands; returns it."""
+
+    def install(mode: str) -> FakePredictor:
+        fake = FakePredictor(data_dir, mode)
+        monkeypatch.setattr(evaluate_mod, "load_predictor", lambda workdir, checkpoint="best": fake)
+        monkeypatch.setattr(predict_mod, "load_predictor", lambda workdir, checkpoint="best": fake)
+        return fake
+
+    return install
+
+
+def run_cli(monkeypatch, argv: list[str]) -> int:
+    if "dlvae_jax.train.cli_eval" not in cli._COMMAND_MODULES:
+        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*cli._COMMAND_MODULES, "dlvae_jax.train.cli_eval"))
+    try:
+        return cli.main(argv)
+    except SystemExit as err:  # argparse's own errors
+        return int(err.code)
+
+
+def _expected(data_dir: Path, fake: FakePredictor, patients: list[str] | None) -> dict:
+    """The figures, recomputed from the fake's output without dlvae_jax.metrics."""
+    index = lgg.scan(data_dir)
+    records = [r for r in index.records if patients is None or r.patient in patients]
+    flair, truth = lgg.load_arrays(records)
+    truth = truth.astype(bool)
+    out = fake(flair)
+    labels = out["tumor_prob_B"] >= 0.5
+    pred = (out["prob_BxHxW"] >= 0.5) & labels[:, None, None]
+    true_labels = truth.any(axis=(1, 2))
+    ids = np.array([r.patient for r in records])
+    vol_dice, vol_iou = [], []
+    for pid in sorted(set(ids)):
+        p, t = pred[ids == pid], truth[ids == pid]
+        inter, total, union = (p & t).sum(), p.sum() + t.sum(), (p | t).sum()
+        vol_dice.append(1.0 if total == 0 else 2 * inter / total)
+        vol_iou.append(1.0 if union == 0 else inter / union)
+    hds = [medpy_binary.hd95(p, t) for p, t in zip(pred, truth) if p.any() and t.any()]
+    return {
+        "n_slices": len(records),
+        "n_patients": len(set(ids)),
+        "slice_accuracy": skm.accuracy_score(true_labels, labels),
+        "slice_precision": skm.precision_score(true_labels, labels, zero_division=0),
+        "slice_recall": skm.recall_score(true_labels, labels, zero_division=0),
+        "slice_f1": skm.f1_score(true_labels, labels, zero_division=0),
+        "pixel_precision": skm.precision_score(truth.ravel(), pred.ravel(), zero_division=0),
+        "pixel_recall": skm.recall_score(truth.ravel(), pred.ravel(), zero_division=0),
+        "pixel_f1": skm.f1_score(truth.ravel(), pred.ravel(), zero_division=0),
+        "dice_volume_mean": np.mean(vol_dice),
+        "dice_volume_median": np.median(vol_dice),
+        "iou_mean": np.mean(vol_iou),
+        "dice_tumor_slices_mean": np.mean([2 * (p & t).sum() / (p.sum() + t.sum())
+                                           for p, t in zip(pred, truth) if t.any()]),
+        "hd95_mean": np.mean(hds) if hds else None,
+        "hd95_n": len(hds),
+    }
+
+
+REQUIRED_KEYS = {
+    "slice_accuracy", "slice_precision", "slice_recall", "slice_f1", "pixel_precision", "pixel_recall", "pixel_f1",
+    "dice_volume_mean", "dice_volume_median", "dice_tumor_slices_mean", "iou_mean", "hd95_mean", "n_patients",
+    "n_slices", "per_patient", "data_dir", "split", "checkpoint_step",
+}
+
+
+def test_evaluate_perfect_predictor_writes_everything(monkeypatch, workdir, data_dir, use_fake, capsys):
+    use_fake("truth")
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--quiet"]) == 0
+    report = json.loads((workdir / "metrics_test.json").read_text())
+    assert json.loads((workdir / "metrics.json").read_text()) == report
+    assert REQUIRED_KEYS <= set(report)
+    assert report["split"] == "test" and report["checkpoint_step"] == 7 and report["n_patients"] == 2
+    assert report["data_dir"] == str(data_dir) and report["n_slices"] == 2 * N_SLICES
+    for key in ("slice_accuracy", "slice_f1", "pixel_f1", "dice_volume_mean", "dice_volume_median",
+                "dice_tumor_slices_mean", "iou_mean"):
+        assert report[key] == 1.0, key
+    assert report["hd95_mean"] == 0.0 and report["hd95_skipped"] == 0
+    rows = list(csv.DictReader(open(workdir / "per_patient_test.csv")))
+    assert [r["patient"] for r in rows] == [p["patient"] for p in report["per_patient"]]
+    assert [float(r["dice"]) for r in rows] == [1.0, 1.0]
+    assert rows[1]["hd95"] == "" and report["per_patient"][1]["hd95"] is None  # tumor-free patient: nothing measured
+    assert (workdir / "eval_test" / "dice_per_patient.png").stat().st_size > 0
+    assert list((workdir / "eval_test" / "overlays").glob("*.png"))
+    table = capsys.readouterr().out
+    assert "99.91" in table and "98.99" in table and "67.08" in table  # the paper's Tables I-IV
+    assert not list(workdir.glob(".*tmp*"))
+
+
+def test_evaluate_empty_predictor_has_zero_recall(monkeypatch, workdir, use_fake):
+    use_fake("empty")
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--split", "val", "--quiet"]) == 0
+    report = json.loads((workdir / "metrics_validation.json").read_text())
+    assert report["split"] == "validation"
+    assert report["slice_recall"] == report["pixel_recall"] == report["dice_tumor_slices_mean"] == 0.0
+    assert report["dice_volume_mean"] == 0.0 and report["hd95_mean"] is None
+    assert report["hd95_skipped"] == report["n_tumor_slices"] > 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_evaluate_figures_match_independent_computation(workdir, data_dir, use_fake, batch_size):
+    fake = use_fake("noisy")
+    report = evaluate_mod.evaluate(workdir, split="all", batch_size=batch_size, n_overlays=3)
+    want = _expected(data_dir, fake, None)
+    assert want["hd95_n"] > 0 and 0 < want["dice_volume_mean"] < 1 and 0 < want["slice_accuracy"] < 1
+    for key, value in want.items():
+        assert report[key] == pytest.approx(value, abs=1e-9), key
+    assert report["n_patients_in_train"] == 1
+    assert len(list((workdir / "eval_all" / "overlays").glob("*.png"))) == 3
+
+
+def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fake, capsys):
+    use_fake("truth")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".dlvae-jax").write_text("{}\n")
+    write_json(other / "config.json", {})
+    write_json(other / "splits.json", {"splits": {"train": ["TCGA_ZZ_0001"], "validation": [],
+                                                  "test": ["TCGA_ZZ_0002"]}})
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--split all" in err and "test patients" in err
+    # The same folder scored as a whole is fine, and no training patient is in it.
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(other), "--split", "all", "--quiet"]) == 0
+    assert json.loads((other / "metrics_all.json").read_text())["n_patients_in_train"] == 0
+
+    bad = [
+        (["--workdir", str(tmp_path / "missing")], "no such training folder"),
+        (["--workdir", str(data_dir)], "not a dlvae-jax training folder"),
+        (["--workdir", str(workdir), "--data-dir", str(tmp_path / "nodata")], "no such folder"),
+        (["--workdir", str(workdir), "--batch-size", "0"], "--batch-size"),
+    ]
+    for args, words in bad:
+        assert run_cli(monkeypatch, ["evaluate", *args, "--quiet"]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_predict_files(monkeypatch, tmp_path, workdir, data_dir, use_fake):
+    fake = use_fake("noisy")
+    patients = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    single = sorted(patients[1].glob("*_3.tif"))[0]
+    out = tmp_path / "pred"
+    argv = ["predict", "--workdir", str(workdir), "--out", str(out), "--samples", "3", "--seed", "5", "--quiet",
+            str(patients[0]), str(single), str(single)]
+    assert run_cli(monkeypatch, argv) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == N_SLICES + 1  # the slice given twice is predicted once
+    assert [Path(r["input"]).name for r in rows[:3]] == [f"{patients[0].name}_{k}.tif" for k in (1, 2, 3)]
+    for row in rows:
+        flair = tifffile.imread(row["input"])[:, :, 1]
+        ref = fake(flair[None])
+        base = out / row["output"]
+        mask = tifffile.imread(f"{base}_mask.tif")
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        gate = ref["tumor_prob_B"][0] >= 0.5
+        np.testing.assert_array_equal(mask, ((ref["prob_BxHxW"][0] >= 0.5) & gate).astype(np.uint8) * 255)
+        np.testing.assert_array_equal(np.load(f"{base}_prob.npy"), ref["prob_BxHxW"][0])
+        assert row["tumor"] == bool(gate) and row["tumor_prob"] == pytest.approx(float(ref["tumor_prob_B"][0]))
+        assert row["mask_pixels"] == int((mask > 0).sum())
+        mean = fake.draws[flair.tobytes()].mean(axis=0)
+        np.testing.assert_allclose(np.load(f"{base}_mean.npy"), mean, rtol=0, atol=1e-6)
+        entropy_bits = (special.entr(mean) + special.entr(1 - mean)) / math.log(2)
+        got = np.load(f"{base}_entropy.npy")
+        assert got.dtype == np.float32 and got.shape == (SIZE, SIZE)
+        np.testing.assert_allclose(got, entropy_bits, atol=1e-6)
+        assert row["entropy_mean_bits"] == pytest.approx(float(got.mean()))
+        for suffix in ("overlay", "mean", "entropy"):
+            assert Path(f"{base}_{suffix}.png").stat().st_size > 0
+
+
+def test_predictive_entropy_edges():
+    got = predict_mod.predictive_entropy(np.array([0.0, 1.0, 0.5, 0.25]))
+    np.testing.assert_allclose(got, [0.0, 0.0, 1.0, -(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75))], atol=1e-7)
+
+
+def test_predict_bad_inputs(monkeypatch, tmp_path, workdir, data_dir, use_fake, capsys):
+    use_fake("truth")
+    patient = sorted(p for p in data_dir.iterdir() if p.is_dir())[0]
+    mask = sorted(patient.glob("*_mask.tif"))[0]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "pred"
+    for bad, words in [(tmp_path / "nope_1.tif", "no such file"), (mask, "is a mask"),
+                       (notes, "not a slice TIFF"), (empty, "no slice TIFFs")]:
+        rc = run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet",
+                                   str(patient), str(bad)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and str(bad) in err and words in err, err
+        assert not out.exists()
+    # An output folder holding an input is refused before anything is written.
+    rc = run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(data_dir), "--overwrite",
+                               "--quiet", str(patient)])
+    assert rc == 2 and "choose another --out" in capsys.readouterr().err
+    assert patient.is_dir()
