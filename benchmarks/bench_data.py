@@ -24,6 +24,7 @@ import numpy as np
 from dlvae_jax.data import lgg, pipeline, tfds_lgg
 from dlvae_jax.data.pipeline import Shard
 from dlvae_jax.data.synth import synthesize
+from dlvae_jax.train import runners
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL = REPO_ROOT.parent / "shared" / "data" / "lgg" / "kaggle_3m"
@@ -31,13 +32,13 @@ BATCH = 64
 
 
 def _drain(batches, sharding) -> tuple[int, float]:
-    it = pipeline.device_iterator(batches, sharding)
+    it = runners.device_iterator(batches, lambda b: runners.to_global(b, sharding))
     first = next(it)  # warm-up: thread start, first reads
     jax.block_until_ready(first)
     n, t0 = 0, time.perf_counter()
     last = first
     for b in it:
-        n += b["image"].shape[0]
+        n += b["image_BxHxWxC"].shape[0]
         last = b
     jax.block_until_ready(last)
     return n, time.perf_counter() - t0
@@ -58,7 +59,7 @@ def bench_tiff(index, sharding, epochs, threads) -> float:
             order = rng.permutation(len(records))
             for s in range(0, len(order) - BATCH + 1, BATCH):
                 images, masks = lgg.load_arrays([records[i] for i in order[s:s + BATCH]], num_threads=threads)
-                yield {"image": images, "mask": masks, "valid": np.ones(BATCH, bool)}
+                yield {"image_BxHxWxC": images[..., None], "mask_BxHxW": masks, "valid_B": np.ones(BATCH, bool)}
 
     n, dt = _drain(batches(), sharding)
     return n / dt
@@ -86,7 +87,7 @@ def main() -> None:
         # All patients in one split: the benchmark reads every slice.
         tfds_lgg.build(data_dir, tfds_dir, fractions=(1.0, 0.0, 0.0), index=index)
         build_s = time.perf_counter() - t0
-        sharding = pipeline.batch_sharding(pipeline.data_mesh())
+        sharding = runners.batch_sharding(runners.data_mesh())
 
         print(f"data: {label}: {len(index)} slices {index.image_shape}; {os.cpu_count()} CPU cores; "
               f"devices: {jax.device_count()} x {jax.devices()[0].platform}")

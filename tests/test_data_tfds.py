@@ -85,12 +85,12 @@ def test_eval_visits_every_slice_once(built, batch):
     src = tfds_lgg.data_source(built, "train")
     seen = []
     for b in pipeline.host_iterator(pipeline.eval_dataset(built, "train", batch, shard=Shard(0, 1))):
-        assert b["image"].shape == (batch, 256, 256) and b["valid"].shape == (batch,)
-        seen += b["index"][b["valid"]].tolist()
-        assert not b["image"][~b["valid"]].any() and (b["index"][~b["valid"]] == -1).all()
-        j = int(np.flatnonzero(b["valid"])[-1])
-        np.testing.assert_array_equal(b["image"][j], src[int(b["index"][j])]["image"][..., 1])
-        np.testing.assert_array_equal(b["mask"][j], src[int(b["index"][j])]["mask"])
+        assert b["image_BxHxWxC"].shape == (batch, 256, 256, 1) and b["valid_B"].shape == (batch,)
+        seen += b["index_B"][b["valid_B"]].tolist()
+        assert not b["image_BxHxWxC"][~b["valid_B"]].any() and (b["index_B"][~b["valid_B"]] == -1).all()
+        j = int(np.flatnonzero(b["valid_B"])[-1])
+        np.testing.assert_array_equal(b["image_BxHxWxC"][j, ..., 0], src[int(b["index_B"][j])]["image"][..., 1])
+        np.testing.assert_array_equal(b["mask_BxHxW"][j], src[int(b["index_B"][j])]["mask"])
     assert sorted(seen) == list(range(n))
 
 
@@ -101,13 +101,13 @@ def test_eval_and_train_shard_across_processes(built):
     for p in range(2):
         batches = list(pipeline.eval_dataset(built, "train", 10, shard=Shard(p, 2)))
         counts.append(len(batches))
-        seen += [i for b in batches for i in b["index"][b["valid"]].tolist()]
+        seen += [i for b in batches for i in b["index_B"][b["valid_B"]].tolist()]
     assert counts[0] == counts[1] and sorted(seen) == list(range(n))
 
     per_proc = []
     for p in range(2):
         ds = pipeline.train_dataset(built, "train", 10, seed=1, num_epochs=1, shard=Shard(p, 2))
-        per_proc.append([b["index"].tolist() for b in ds])
+        per_proc.append([b["index_B"].tolist() for b in ds])
     assert len(per_proc[0]) == len(per_proc[1]) == n // 10  # drop remainder, equal on every process
     flat = [i for proc in per_proc for b in proc for i in b]
     assert len(flat) == len(set(flat)) == n // 10 * 10
@@ -117,7 +117,7 @@ def test_eval_and_train_shard_across_processes(built):
 def test_train_shuffles_deterministically_and_reshuffles_each_epoch(built):
     def order(seed):
         ds = pipeline.train_dataset(built, "train", 8, seed=seed, num_epochs=2, shard=Shard(0, 1))
-        return [b["index"].tolist() for b in ds]
+        return [b["index_B"].tolist() for b in ds]
 
     a = order(3)
     assert a == order(3) and a != order(4)
@@ -126,7 +126,7 @@ def test_train_shuffles_deterministically_and_reshuffles_each_epoch(built):
     assert sorted(epoch1) == sorted(epoch2) == sorted(set(epoch1)) and epoch1 != epoch2
     assert epoch1 != sorted(epoch1)
     b = next(iter(pipeline.train_dataset(built, "train", 8, channels="all", shard=Shard(0, 1))))
-    assert b["image"].shape == (8, 256, 256, 3) and b["image"].dtype == np.uint8 and b["valid"].all()
+    assert b["image_BxHxWxC"].shape == (8, 256, 256, 3) and b["image_BxHxWxC"].dtype == np.uint8 and b["valid_B"].all()
 
 
 def test_multi_device_global_batches_without_tensorflow(built):
@@ -135,18 +135,19 @@ def test_multi_device_global_batches_without_tensorflow(built):
         import jax, numpy as np
         from dlvae_jax.data import pipeline
         from dlvae_jax.data.augment import augment_batch
+        from dlvae_jax.train import runners
         assert jax.device_count() == 4
-        sharding = pipeline.batch_sharding(pipeline.data_mesh())
+        sharding = runners.batch_sharding(runners.data_mesh())
         host = list(pipeline.eval_dataset({str(built)!r}, "train", 12))
-        dev = list(pipeline.device_iterator(iter(host), sharding))
+        dev = list(runners.device_iterator(iter(host), lambda b: runners.to_global(b, sharding)))
         assert len(dev) == len(host)
         for h, d in zip(host, dev):
             for k in h:
                 assert d[k].shape == h[k].shape and d[k].sharding == sharding
                 assert len(d[k].addressable_shards) == 4 and d[k].addressable_shards[0].data.shape[0] == 3
                 np.testing.assert_array_equal(np.asarray(d[k]), h[k])
-        img, msk = augment_batch(jax.random.key(0), dev[0]["image"], dev[0]["mask"])
-        assert img.shape == (12, 256, 256) and img.sharding.spec[0] == "data"
+        img, msk = augment_batch(jax.random.key(0), dev[0]["image_BxHxWxC"], dev[0]["mask_BxHxW"])
+        assert img.shape == (12, 256, 256, 1) and img.sharding.spec[0] == "data"
         assert "tensorflow" not in sys.modules, "TensorFlow was imported"
         print("OK")
     """)

@@ -1,11 +1,17 @@
 """grain input pipeline from the `lgg_mri` array_record source to device batches.
 
-Host batches are dicts of NumPy arrays (B = per-process batch size):
+The batch contract, used unchanged from the host batch to the model's inputs
+(B = per-process batch size on the host, global batch size on the devices):
 
-    image   uint8 [B, H, W]  (channels="flair") or [B, H, W, 3] ("all")
-    mask    uint8 [B, H, W]  {0, 1}
-    valid   bool  [B]        False on evaluation padding
-    index   int32 [B]        record index within the split, -1 on padding
+    image_BxHxWxC  uint8 [B, H, W, C]  C = 1 for FLAIR (channels="flair"),
+                                       3 for pre-contrast/FLAIR/post-contrast ("all")
+    mask_BxHxW     uint8 [B, H, W]     {0, 1}
+    label_B        int32 [B]           1 if the mask has a tumor pixel
+    valid_B        bool  [B]           False on evaluation padding
+    index_B        int32 [B]           record index within the split, -1 on padding
+
+`BATCH_KEYS` lists them. Two loaders produce it: `BatchLoader` from the TFDS
+`lgg_mri` array_record source and `ArrayLoader` from arrays in memory.
 
 Training: one global permutation per epoch (same seed on every process,
 reseeded each epoch by grain), truncated to a multiple of the global batch so
@@ -14,20 +20,18 @@ across processes with a stride. Evaluation: no shuffle; the split is padded up
 to a multiple of the global batch and padding carries valid=False, so every
 slice is visited exactly once whatever the batch size.
 
-`to_global` places a host batch on the devices as global `jax.Array`s sharded
-on the batch axis (`jax.make_array_from_process_local_data`).
+Placing batches on devices (meshes, shardings) is the runners' job:
+`dlvae_jax.train.runners`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable, Iterator
+from typing import Callable
 
 import grain
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlvae_jax.data import tfds_lgg
 from dlvae_jax.data.lgg import CHANNEL_CHOICES, FLAIR_CHANNEL
@@ -45,6 +49,47 @@ class Shard:
     def from_jax(cls) -> "Shard":
         opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
         return cls(opts.shard_index, opts.shard_count)
+
+
+BATCH_KEYS = ("image_BxHxWxC", "mask_BxHxW", "label_B", "valid_B", "index_B")
+
+
+def _batch(images, masks, index_B, valid_B) -> dict[str, np.ndarray]:
+    if images.ndim == 3:
+        images = images[..., None]
+    return {
+        "image_BxHxWxC": images,
+        "mask_BxHxW": masks,
+        "label_B": masks.reshape(len(masks), -1).any(axis=1).astype(np.int32),
+        "valid_B": valid_B,
+        "index_B": index_B.astype(np.int32),
+    }
+
+
+class ArrayLoader:
+    """Maps record indices [B] (-1 = padding) to a host batch from arrays in memory.
+
+    images: uint8 [N, H, W] or [N, H, W, C]; masks: uint8 [N, H, W] in {0, 1}.
+    """
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray):
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        self.images = images
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __call__(self, index_B: np.ndarray) -> dict[str, np.ndarray]:
+        index_B = np.asarray(index_B, np.int64)
+        valid_B = index_B >= 0
+        safe = np.where(valid_B, index_B, 0)
+        images = self.images[safe]
+        masks = self.masks[safe]
+        images[~valid_B] = 0
+        masks[~valid_B] = 0
+        return _batch(images, masks, index_B, valid_B)
 
 
 class BatchLoader:
@@ -78,7 +123,7 @@ class BatchLoader:
                 ex = tfds_lgg.decode_raw(rec, s)
                 images[row] = ex["image"][..., FLAIR_CHANNEL] if self.channels == "flair" else ex["image"]
                 masks[row] = ex["mask"]
-        return {"image": images, "mask": masks, "valid": valid_B, "index": index_B.astype(np.int32)}
+        return _batch(images, masks, index_B, valid_B)
 
 
 def _local_batch(global_batch_size: int, shard: Shard) -> int:
@@ -87,8 +132,18 @@ def _local_batch(global_batch_size: int, shard: Shard) -> int:
     return global_batch_size // shard.count
 
 
+Loader = Callable[[np.ndarray], dict]
+
+
+def _loader(source, split: str, channels: str):
+    """A loader as given, or the TFDS loader of a built `lgg_mri` folder."""
+    if isinstance(source, (str, os.PathLike)):
+        return BatchLoader(source, split, channels)
+    return source
+
+
 def train_dataset(
-    tfds_dir: str | os.PathLike,
+    source: str | os.PathLike | ArrayLoader,
     split: str = "train",
     global_batch_size: int = 64,
     seed: int = 0,
@@ -96,10 +151,13 @@ def train_dataset(
     channels: str = "flair",
     shard: Shard | None = None,
 ) -> grain.MapDataset:
-    """Shuffled training batches for this process; `num_epochs=None` repeats forever."""
+    """Shuffled training batches for this process; `num_epochs=None` repeats forever.
+
+    `source` is a built TFDS dir (then `split` and `channels` select from it) or a loader.
+    """
     shard = shard or Shard.from_jax()
     b = _local_batch(global_batch_size, shard)
-    loader = BatchLoader(tfds_dir, split, channels)
+    loader = _loader(source, split, channels)
     n_used = len(loader) // global_batch_size * global_batch_size
     if n_used == 0:
         raise DataError(f"split {split!r} has {len(loader)} slices, fewer than one batch of {global_batch_size}")
@@ -123,16 +181,16 @@ def eval_indices(n: int, global_batch_size: int, shard: Shard) -> np.ndarray:
 
 
 def eval_dataset(
-    tfds_dir: str | os.PathLike,
+    source: str | os.PathLike | ArrayLoader,
     split: str = "validation",
     global_batch_size: int = 64,
     channels: str = "flair",
     shard: Shard | None = None,
 ) -> grain.MapDataset:
-    """Evaluation batches for this process in record order, padded with valid=False."""
+    """Evaluation batches for this process in record order, padded with valid_B=False."""
     shard = shard or Shard.from_jax()
     b = _local_batch(global_batch_size, shard)
-    loader = BatchLoader(tfds_dir, split, channels)
+    loader = _loader(source, split, channels)
     idx = eval_indices(len(loader), global_batch_size, shard)
     return grain.MapDataset.source(idx).batch(b).map(loader)
 
@@ -140,28 +198,3 @@ def eval_dataset(
 def host_iterator(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
     """Iterates `ds` with `num_threads` reader threads and `prefetch` batches in flight."""
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
-
-
-def data_mesh(devices=None) -> Mesh:
-    """1-D mesh over all (global) devices with the batch axis named "data"."""
-    devices = devices if devices is not None else jax.devices()
-    return Mesh(np.asarray(devices), ("data",))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host batch (this process's rows) -> global arrays sharded on axis 0."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def device_iterator(batches: Iterable[dict], sharding: NamedSharding, prefetch: int = 2) -> Iterator[dict]:
-    """Yields global device batches, keeping `prefetch` transfers in flight ahead of the consumer."""
-    queue: list[dict] = []
-    for batch in batches:
-        queue.append(to_global(batch, sharding))
-        if len(queue) > prefetch:
-            yield queue.pop(0)
-    yield from queue

@@ -57,6 +57,17 @@ def classical_stages(
     `equalize="whole"` equalizes and clusters the whole slice, as the paper does;
     "head" (the default) does both inside the head only.
     """
+    head, equalized, clusters = model_views(flair_BxHxW, key, k=k, n_init=n_init, closing=closing, equalize=equalize)
+    roi = roi_from_clusters(clusters.labels, n_clusters=k, brain_mask=erode(head, margin), min_size=min_size)
+    return ClassicalResult(head, equalized, clusters.labels, clusters.centroids, roi)
+
+
+def model_views(flair_BxHxW: jax.Array, key: jax.Array, *, k: int = 4, n_init: int = 10, closing: int = 2,
+                equalize: str = "head"):
+    """The stages before the ROI: (head_BxHxW bool, equalized_BxHxW uint8, K-means
+    result of the equalized slice). These are the two views of the VAE (B1 the
+    equalized slice, B2 the cluster map); the training step calls this on the
+    device in every step. `key` as in `classical_stages`."""
     if equalize not in ("head", "whole"):
         raise ValueError(f"equalize must be 'head' or 'whole', got {equalize!r}")
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -70,5 +81,4 @@ def classical_stages(
     region = head if equalize == "head" else None
     equalized = equalize_hist(flair_BxHxW, region)
     clusters = kmeans_image(equalized, k, key=key_clusters, n_init=n_init, mask=region)
-    roi = roi_from_clusters(clusters.labels, n_clusters=k, brain_mask=erode(head, margin), min_size=min_size)
-    return ClassicalResult(head, equalized, clusters.labels, clusters.centroids, roi)
+    return head, equalized, clusters

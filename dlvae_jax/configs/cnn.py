@@ -1,0 +1,9 @@
+"""`cnn`: the baseline `cnn` on the `cpu` config's data, resolution and budget."""
+
+from dlvae_jax.configs.cpu import get_config as cpu_config
+
+
+def get_config():
+    c = cpu_config()
+    c.model = dict(name="cnn", dtype="float32", features=16, blocks=4, hidden=64)
+    return c

@@ -1,0 +1,21 @@
+"""`cpu`: DL-VAE-CNN on real LGG data at 128x128 and reduced width, sized to
+train within an hour on a 2-core CPU. Every metric is computed on masks
+resized back to the data's 256x256."""
+
+from dlvae_jax.configs.base import base
+
+
+def get_config():
+    c = base()
+    c.data.data_dir = "../shared/data/lgg/kaggle_3m"
+    c.data.image_size = 128
+    c.model = dict(
+        name="dlvae_cnn", dtype="float32", features=16, levels=4, vae_features=16, vae_levels=4,
+        specific_dim=16, shared_dim=16, label_dropout=0.2, inference_label="unknown",
+    )
+    c.loss.kl_warmup_steps = 300
+    c.train.batch_size = 16
+    c.train.steps = 1400
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 250
+    return c

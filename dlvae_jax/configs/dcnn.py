@@ -1,0 +1,9 @@
+"""`dcnn`: the baseline `dcnn` on the `cpu` config's data, resolution and budget."""
+
+from dlvae_jax.configs.cpu import get_config as cpu_config
+
+
+def get_config():
+    c = cpu_config()
+    c.model = dict(name="dcnn", dtype="float32", features=16, blocks_per_stage=1)
+    return c

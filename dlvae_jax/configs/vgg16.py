@@ -1,0 +1,9 @@
+"""`vgg16`: the baseline `vgg16` on the `cpu` config's data, resolution and budget."""
+
+from dlvae_jax.configs.cpu import get_config as cpu_config
+
+
+def get_config():
+    c = cpu_config()
+    c.model = dict(name="vgg16", dtype="float32", features=16, hidden=64)
+    return c

@@ -1,0 +1,115 @@
+"""Orbax checkpoints of a run: the train state, the data position and metadata.
+
+Layout under `<workdir>/checkpoints/`:
+
+    latest/<step>/  the newest `keep` saves (asynchronous), for resuming
+    best/<step>/    the one save with the highest validation `dice_volume_mean`
+
+Each save holds `state` (the `TrainState` pytree), `data` (the grain iterator
+state of the last batch the step consumed, JSON) and `meta` (step, metrics).
+`restore_latest` walks the saves newest first and skips one that cannot be
+read (a kill in the middle of a write, a corrupted file) with a warning naming
+it, so a run resumes from the newest readable save.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+BEST_METRIC = "dice_volume_mean"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that could not be read and was skipped."""
+
+
+def _manager(directory: Path, keep: int, async_save: bool, best: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        best_fn=(lambda meta: float(meta[BEST_METRIC])) if best else None,
+        best_mode="max",
+        create=True,
+    )
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+class Checkpoints:
+    def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
+        self.root = Path(workdir) / "checkpoints"
+        self.latest = _manager(self.root / "latest", keep, async_save, best=False)
+        self.best = _manager(self.root / "best", 1, False, best=True)
+        self.best_value = self._read_best_value()
+
+    def _read_best_value(self) -> float:
+        step = self.best.latest_step()
+        if step is None:
+            return float("-inf")
+        try:
+            meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            return float(meta["metrics"][BEST_METRIC])
+        except Exception:  # an unreadable best save is replaced by the next good one
+            return float("-inf")
+
+    @staticmethod
+    def _args(state, data_state, meta) -> ocp.args.Composite:
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta))
+
+    def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
+        meta = {"step": int(step), "metrics": metrics or {}}
+        self.latest.save(step, args=self._args(state, data_state, meta), force=True)
+
+    def save_best(self, step: int, state, data_state: dict, metrics: dict) -> bool:
+        """Saves if `metrics[BEST_METRIC]` beats every earlier best; returns whether it did."""
+        value = float(metrics.get(BEST_METRIC, float("nan")))
+        if not value > self.best_value:
+            return False
+        meta = {"step": int(step), "metrics": {BEST_METRIC: value, **metrics}}
+        self.best.save(step, args=self._args(state, data_state, meta), metrics={BEST_METRIC: value}, force=True)
+        self.best.wait_until_finished()
+        self.best_value = value
+        return True
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+    def restore_latest(self, abstract_state) -> tuple[Any, dict, dict] | None:
+        """(state, data_state, meta) of the newest readable save, or None."""
+        return _restore_newest(self.latest, abstract_state, self.root / "latest")
+
+    def restore_best(self, abstract_state):
+        return _restore_newest(self.best, abstract_state, self.root / "best")
+
+
+def _restore_newest(manager: ocp.CheckpointManager, abstract_state, where: Path):
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+            return out["state"], out["data"], out["meta"]
+        except Exception as err:  # noqa: BLE001 - any unreadable save is skipped, never fatal
+            warnings.warn(f"checkpoint {where / str(step)} is unreadable ({type(err).__name__}); "
+                          "falling back to the previous one", CheckpointWarning, stacklevel=2)
+    return None
+
+
+def abstract(tree) -> Any:
+    """Shapes, dtypes and shardings of `tree`, for a restore that places arrays directly."""
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def remove(workdir: str | Path) -> None:
+    shutil.rmtree(Path(workdir) / "checkpoints", ignore_errors=True)

@@ -1,0 +1,65 @@
+"""`dlvae-jax train`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from dlvae_jax.errors import DlvaeError
+
+
+def _cmd_train(args) -> int:
+    from dlvae_jax import configs
+
+    overrides = list(args.set or [])
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={os.fspath(args.data_dir)!r}")
+    cfg = configs.load(args.config, overrides)
+    if args.distributed:
+        _init_distributed(args)
+    from dlvae_jax.train.loop import train
+
+    summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite)
+    val = summary.get("validation") or {}
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+          f"({summary['slices_per_s']:.1f} slices/s); workdir {summary['workdir']}")
+    if val:
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())))
+    return 0
+
+
+def _init_distributed(args) -> None:
+    import jax
+
+    kwargs = {}
+    if args.coordinator:
+        kwargs["coordinator_address"] = args.coordinator
+    if args.num_processes is not None:
+        kwargs["num_processes"] = args.num_processes
+    if args.process_id is not None:
+        kwargs["process_id"] = args.process_id
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as err:
+        raise DlvaeError(f"--distributed: cannot join the job ({err})") from None
+
+
+def register(subparsers) -> None:
+    from dlvae_jax.train.runners import RUNNERS
+
+    p = subparsers.add_parser("train", help="train a model from a config into a workdir (resumes by itself)")
+    p.add_argument("--config", default="demo",
+                   help="config name (demo, cpu, default, unet, cnn, vgg16, dcnn) or a .py file (default: demo)")
+    p.add_argument("--workdir", required=True, help="run folder: config, splits, checkpoints, logs, plots")
+    p.add_argument("--data-dir", default=None, help="dataset folder in the kaggle_3m layout (default: the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--parallel", choices=RUNNERS, default="jit", help="how the step runs on many devices (default: jit)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --workdir")
+    p.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed.initialize)")
+    p.add_argument("--coordinator", default=None, help="coordinator host:port (default: from the environment)")
+    p.add_argument("--num-processes", type=int, default=None, help="process count (default: from the environment)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's id (default: from the environment)")
+    p.set_defaults(func=_cmd_train)

@@ -1,0 +1,97 @@
+"""From a resolved config to the objects a run needs: the model, the
+preprocessing and augmentation settings, the loss mix and the optimizer, and
+the data (the patient split and the slices of each split)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from dlvae_jax.data import lgg
+from dlvae_jax.data.augment import AugmentConfig
+from dlvae_jax.data.splits import SPLITS_FILE, make_splits, read_splits, records_for_split, write_splits
+from dlvae_jax.errors import DlvaeError
+from dlvae_jax.losses import LossConfig
+from dlvae_jax.models import get_model
+from dlvae_jax.train.optim import make_optimizer
+from dlvae_jax.train.step import PrepConfig
+
+SPLIT_ALIASES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+
+
+def model_from_config(cfg, norm_axis_name: str | None = None):
+    opts = {k: v for k, v in cfg.model.to_dict().items() if k != "name"}
+    if norm_axis_name is not None:
+        opts["norm_axis_name"] = norm_axis_name
+    return get_model(cfg.model.name, **opts)
+
+
+def prep_from_config(cfg) -> PrepConfig:
+    return PrepConfig(image_size=int(cfg.data.image_size), equalize=cfg.preprocess.equalize,
+                      k=int(cfg.preprocess.k), n_init=int(cfg.preprocess.n_init))
+
+
+def augment_from_config(cfg) -> AugmentConfig:
+    return AugmentConfig(**cfg.augment.to_dict())
+
+
+def loss_from_config(cfg) -> LossConfig:
+    return LossConfig(**cfg.loss.to_dict())
+
+
+def optimizer_from_config(cfg):
+    updates = max(1, int(cfg.train.steps) // max(1, int(cfg.optimizer.accumulate_steps)))
+    return make_optimizer(cfg.optimizer, updates)
+
+
+def check_config(cfg) -> None:
+    """Faults a run would otherwise hit minutes later, reported up front."""
+    size, levels = int(cfg.data.image_size), 0
+    for key in ("levels", "vae_levels"):
+        if key in cfg.model:
+            levels = max(levels, int(cfg.model[key]))
+    if size <= 0 or size % (2 ** levels):
+        raise DlvaeError(f"data.image_size {size} must be a positive multiple of 2^{levels} for this model")
+    if cfg.data.channels not in lgg.CHANNEL_CHOICES:
+        raise DlvaeError(f"data.channels must be one of {lgg.CHANNEL_CHOICES}, got {cfg.data.channels!r}")
+    if "num_clusters" in cfg.model and int(cfg.model.num_clusters) != int(cfg.preprocess.k):
+        raise DlvaeError("model.num_clusters must equal preprocess.k")
+    for key in ("batch_size", "steps"):
+        if int(cfg.train[key]) <= 0:
+            raise DlvaeError(f"train.{key} must be positive, got {cfg.train[key]}")
+    model_from_config(cfg)  # unknown model options fail here, naming them
+
+
+@dataclasses.dataclass
+class SplitData:
+    """The slices of one split, in memory: images uint8 [N, H, W] (or [N, H, W, 3]),
+    masks uint8 [N, H, W], and each slice's record (patient, file)."""
+
+    records: list
+    images: np.ndarray
+    masks: np.ndarray
+
+    @property
+    def patients(self) -> list[str]:
+        return [r.patient for r in self.records]
+
+
+def load_split(index: lgg.LggIndex, splits: dict, name: str, channels: str) -> SplitData:
+    records = records_for_split(index, splits, name)
+    if not records:
+        raise DlvaeError(f"split {name!r} has no slices in {index.root}")
+    images, masks = lgg.load_arrays(records, channels)
+    return SplitData(records, images, masks)
+
+
+def workdir_splits(workdir: Path, index: lgg.LggIndex, cfg) -> dict:
+    """The run's patient split: read from the workdir, or made from the config's seed and saved there."""
+    path = workdir / SPLITS_FILE
+    if path.exists():
+        return read_splits(path)
+    fractions = tuple(float(f) for f in cfg.data.fractions)
+    splits = make_splits(index, int(cfg.data.split_seed), fractions)
+    write_splits(path, index, splits, int(cfg.data.split_seed), fractions)
+    return splits

@@ -1,0 +1,129 @@
+"""A trained run as a function: load a workdir's checkpoint and predict.
+
+    predictor = load_predictor("workdir/cpu", checkpoint="best")
+    out = predictor(flair_BxHxW)          # {"prob_BxHxW", "tumor_prob_B"}
+    samples = predictor.sample(flair_BxHxW, n=16, seed=0)   # [n, B, H, W]
+
+The input is raw uint8 slices at the data's resolution (FLAIR [B, H, W], or
+[B, H, W, 3] for a run trained on all three channels); the model's inputs
+are made exactly as in training (`dlvae_jax.train.step.eval_outputs`), and
+probabilities come back at the input's resolution.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlvae_jax import configs
+from dlvae_jax.errors import DlvaeError
+from dlvae_jax.models import apply_model, example_inputs
+from dlvae_jax.train import experiment as ex
+from dlvae_jax.train.checkpoint import Checkpoints
+from dlvae_jax.train.loop import CONFIG_FILE, EVAL_SEED
+from dlvae_jax.train.state import abstract_state
+from dlvae_jax.train.step import eval_outputs, prepare_inputs
+
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+class Predictor:
+    def __init__(self, cfg, variables, step: int):
+        self.config = cfg
+        self.step = int(step)
+        self.variables = variables
+        self.model = ex.model_from_config(cfg)
+        self.prep = ex.prep_from_config(cfg)
+        self.channels = 3 if cfg.data.channels == "all" else 1
+        self.segments = cfg.model.name in ("dlvae_cnn", "unet")
+        self._eval_key = jax.random.key_data(jax.random.key(EVAL_SEED))
+        self._predict = jax.jit(functools.partial(eval_outputs, model=self.model, prep=self.prep,
+                                                  eval_key=self._eval_key))
+
+    def _batch(self, images: np.ndarray) -> dict:
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise DlvaeError(f"expected uint8 slices, got {images.dtype}")
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] != self.channels:
+            raise DlvaeError(f"expected slices [B, H, W{', 3' if self.channels == 3 else ''}], got {images.shape}")
+        b = images.shape[0]
+        return {"image_BxHxWxC": jnp.asarray(images), "index_B": jnp.zeros((b,), jnp.int32),
+                "valid_B": jnp.ones((b,), bool)}
+
+    def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._predict(self.variables, self._batch(flair_BxHxW))
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+    def sample(self, flair_BxHxW: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """n predictions with the latent z drawn from the label-free posterior
+        q(z | x, Y = unknown) (float32 [n, B, H, W] probabilities). Models
+        without a latent give n identical copies of the deterministic prediction."""
+        batch = self._batch(flair_BxHxW)
+        if self.config.model.name != "dlvae_cnn":
+            prob = self(flair_BxHxW)["prob_BxHxW"]
+            return np.repeat(prob[None], n, axis=0)
+        fn = _sampler(self.model.clone(inference_label="unknown"), self.prep)
+        keys = jax.random.split(jax.random.key(seed), n)
+        return np.stack([np.asarray(fn(self.variables, batch, self._eval_key, k)) for k in keys])
+
+
+@functools.lru_cache(maxsize=4)
+def _sampler(model, prep):
+    @jax.jit
+    def run(variables, batch, eval_key, key):
+        inputs = prepare_inputs(batch, jax.random.wrap_key_data(eval_key), prep, None)
+        inputs = {k: v for k, v in inputs.items() if k not in ("label_B", "mask_BxHxW")}
+        out, _ = apply_model(model, variables, inputs, train=False)
+        means, logvars = out["latent_means"], out["latent_logvars"]
+        names = ("pp", "pv", "qq", "qv")
+        mean = jnp.concatenate([means[k] for k in names], -1)
+        std = jnp.exp(0.5 * jnp.concatenate([logvars[k] for k in names], -1))
+        z = mean + std * jax.random.normal(key, mean.shape)
+        out, _ = apply_model(model, variables, dict(inputs, z_BxD=z), train=False)
+        prob = jax.nn.sigmoid(out["mask_logits_BxHxW"].astype(jnp.float32))
+        b, h, w = batch["image_BxHxWxC"].shape[:3]
+        return jax.image.resize(prob, (b, h, w), "linear") if prob.shape[1:] != (h, w) else prob
+
+    return run
+
+
+def read_config(workdir: Path):
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        raise DlvaeError(f"{workdir}: not a training workdir (no {CONFIG_FILE})")
+    try:
+        return configs.from_json(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DlvaeError(f"{path}: unreadable ({err})") from None
+
+
+def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
+    """The run's model at its best (highest validation Dice per volume) or latest checkpoint."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise DlvaeError(f"--checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise DlvaeError(f"{workdir}: workdir not found")
+    cfg = read_config(workdir)
+    model = ex.model_from_config(cfg)
+    tx, _ = ex.optimizer_from_config(cfg)
+    c = 3 if cfg.data.channels == "all" else 1
+    template = abstract_state(model, tx, example_inputs(2, int(cfg.data.image_size), c))
+    ckpt = Checkpoints(workdir, keep=int(cfg.train.keep_checkpoints), async_save=False)
+    try:
+        restored = ckpt.restore_best(template) if checkpoint == "best" else None
+        if restored is None:
+            restored = ckpt.restore_latest(template)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise DlvaeError(f"{workdir}: no readable checkpoint (train first)")
+    state, _, meta = restored
+    return Predictor(cfg, state.variables(), int(meta["step"]))

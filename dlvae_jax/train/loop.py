@@ -1,0 +1,311 @@
+"""The training loop: data, steps, evaluation, checkpoints, logs, progress.
+
+    train(cfg, workdir, parallel="jit", overwrite=False) -> summary dict
+
+One readable loop around the pure step (`dlvae_jax.train.step`):
+
+1. The workdir is opened through `dlvae_jax.outdir.run_folder` (marker, lock,
+   input-overlap checks). A workdir holding another config's run is refused
+   unless `overwrite`; one holding this config's run is resumed from its
+   newest readable checkpoint, data position included, so the resumed run
+   logs the same losses as an uninterrupted one.
+2. Each step's batch comes from a grain iterator created here; the iterator
+   state saved with a checkpoint is the one right after the batch the step
+   consumed (not the prefetch queue's).
+3. Step N+1 is dispatched before step N's metrics are pulled to the host, so
+   the device does not wait on Python. A NaN or infinite loss stops the run
+   with the step and every loss term; the last checkpoint (all finite) stays.
+4. Every `eval_every` steps the validation split is evaluated (Dice per
+   volume etc., `dlvae_jax.metrics`); the best `dice_volume_mean` is kept
+   in `checkpoints/best`.
+5. Only process 0 writes logs, plots and the config; Orbax writes checkpoints
+   from every process, as it requires.
+
+SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, then the
+run stops with the signal's exit code (`dlvae_jax.signals`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dlvae_jax import configs, metrics, outdir, signals
+from dlvae_jax.data import lgg
+from dlvae_jax.data.pipeline import ArrayLoader, Shard, eval_dataset, host_iterator, train_dataset
+from dlvae_jax.errors import DlvaeError
+from dlvae_jax.io import write_json
+from dlvae_jax.models import example_inputs
+from dlvae_jax.train import experiment as ex
+from dlvae_jax.train.checkpoint import Checkpoints, abstract
+from dlvae_jax.train.runners import make_runner
+from dlvae_jax.train.state import create_state
+from dlvae_jax.train.step import eval_outputs, train_step
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+EVAL_SEED = 12345  # K-means restarts at evaluation: fixed, so evaluations are comparable
+# Fields that may change when a run is resumed (a longer run, other logging).
+RESUMABLE = {("train", "steps"), ("train", "log_every"), ("train", "eval_every"), ("train", "checkpoint_every"),
+             ("eval", "overlays")}
+
+
+class NonFiniteLoss(DlvaeError):
+    """The loss became NaN or infinite."""
+
+
+def _flat(d: dict, prefix=()) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _config_conflict(old: dict, new: dict) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return [".".join(k) for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE and k != ("config_name",) and _norm(a.get(k)) != _norm(b.get(k))]
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def resolve_data_dir(cfg, workdir: Path) -> tuple[Path, bool]:
+    """(data folder, synthesized?): the config's data_dir, or synthetic phantoms in workdir/data."""
+    if cfg.data.data_dir:
+        path = Path(cfg.data.data_dir).expanduser()
+        if not path.is_dir():
+            raise DlvaeError(f"{path}: data folder not found (data.data_dir; set it with --data-dir)")
+        return path.resolve(), False
+    data = workdir / "data"
+    if not (data / outdir.MARKER).exists() and not data.exists():
+        from dlvae_jax.data.synth import synthesize
+
+        synthesize(data, n_patients=int(cfg.data.synth_patients), seed=int(cfg.data.synth_seed),
+                   size=int(cfg.data.synth_size), slices_per_patient=int(cfg.data.synth_slices))
+    return data, True
+
+
+class Logger:
+    """log.jsonl (one JSON object per line) and TensorBoard events, process 0 only."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / LOG_FILE
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
+        row = {"kind": kind, "step": int(step), "time": round(time.time(), 3), **clean}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalars(tree) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def evaluate_split(runner, variables, data: ex.SplitData, cfg, shard: Shard) -> tuple[dict, dict]:
+    """Runs the eval step over a split; returns (metrics report, arrays of this process's slices)."""
+    loader = ArrayLoader(data.images, data.masks)
+    bs = int(cfg.eval.batch_size)
+    bs = max(bs - bs % (jax.device_count()), jax.device_count())
+    probs, tumor, index = [], [], []
+    for host in host_iterator(eval_dataset(loader, global_batch_size=bs, shard=shard), num_threads=1):
+        out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
+        keep = host["valid_B"]
+        probs.append(out["prob_BxHxW"][keep])
+        tumor.append(out["tumor_prob_B"][keep])
+        index.append(host["index_B"][keep])
+    order = np.argsort(np.concatenate(index))
+    prob = np.concatenate(probs)[order]
+    tumor_prob = np.concatenate(tumor)[order]
+    idx = np.concatenate(index)[order]
+    pred_label = tumor_prob >= float(cfg.eval.class_threshold)
+    # The class head decides whether a slice has tumor; a "no tumor" slice gets an empty mask.
+    pred_mask = (prob >= float(cfg.eval.mask_threshold)) & pred_label[:, None, None]
+    truth = data.masks[idx] > 0
+    report = metrics.segmentation_report(pred_mask, truth, [data.patients[i] for i in idx],
+                                         pred_labels_N=pred_label)
+    return report, {"prob": prob, "tumor_prob": tumor_prob, "index": idx, "pred_mask": pred_mask}
+
+
+def _summary_metrics(report: dict) -> dict:
+    keys = ("slice_accuracy", "slice_precision", "slice_recall", "slice_f1", "pixel_f1", "dice_volume_mean",
+            "dice_volume_median", "dice_tumor_slices_mean", "iou_mean", "hd95_mean")
+    return {k: float(report[k]) for k in keys if k in report}
+
+
+def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = False,
+          progress: bool | None = None) -> dict:
+    """Trains (or resumes) the run of `cfg` in `workdir`; returns a summary dict."""
+    ex.check_config(cfg)
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    progress = sys.stderr.isatty() if progress is None else progress
+    new = json.loads(configs.to_json(cfg))
+    old_path = workdir / CONFIG_FILE
+    if old_path.exists() and not overwrite:
+        try:
+            old = json.loads(old_path.read_text())
+        except (OSError, ValueError) as err:
+            raise DlvaeError(f"{old_path}: unreadable ({err}); use --overwrite to start the run again") from None
+        conflict = _config_conflict(old, new)
+        if conflict:
+            raise DlvaeError(f"{workdir}: holds a run of another config (differs in {', '.join(conflict[:6])}); "
+                             "use another --workdir, or --overwrite to replace that run")
+    inputs = [cfg.data.data_dir] if cfg.data.data_dir else []
+    with outdir.run_folder(workdir, "train", overwrite=overwrite, inputs=inputs) as wd:
+        return _train_in(cfg, wd, parallel, is_main, progress)
+
+
+def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> dict:
+    if is_main:
+        (wd / CONFIG_FILE).write_text(configs.to_json(cfg))
+    data_dir, _ = resolve_data_dir(cfg, wd)
+    index = lgg.scan(data_dir)
+    splits = ex.workdir_splits(wd, index, cfg)
+    channels = cfg.data.channels
+    train_data = ex.load_split(index, splits, "train", channels)
+    val_data = ex.load_split(index, splits, "validation", channels)
+
+    model = ex.model_from_config(cfg)
+    axis_model = ex.model_from_config(cfg, norm_axis_name="data") if parallel != "jit" else model
+    tx, schedule = ex.optimizer_from_config(cfg)
+    prep, augment, loss_cfg = ex.prep_from_config(cfg), ex.augment_from_config(cfg), ex.loss_from_config(cfg)
+    step_fn = functools.partial(train_step, model=axis_model, tx=tx, loss_cfg=loss_cfg, prep=prep,
+                                augment=augment, lr_schedule=schedule)
+    eval_fn = functools.partial(eval_outputs, model=model, prep=prep,
+                                eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)))
+    runner = make_runner(parallel, step_fn, eval_fn)
+
+    c = train_data.images.shape[-1] if train_data.images.ndim == 4 else 1
+    init = example_inputs(2, int(cfg.data.image_size), c)
+    init["clusters_BxHxW"] = init["clusters_BxHxW"]
+    state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
+    ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints))
+    restored = ckpt.restore_latest(abstract(state))
+    data_state = None
+    if restored is not None:
+        state, data_state, meta = restored
+        print(f"resuming from step {int(meta['step'])} ({wd / 'checkpoints'})", file=sys.stderr)
+    start = int(state.step)
+    total = int(cfg.train.steps)
+    state = runner.put_state(state)
+
+    shard = Shard.from_jax()
+    ds = train_dataset(ArrayLoader(train_data.images, train_data.masks), global_batch_size=int(cfg.train.batch_size),
+                       seed=int(cfg.train.seed), shard=shard)
+    it = iter(host_iterator(ds, num_threads=int(cfg.data.num_threads)))
+    if data_state is not None:
+        it.set_state(data_state)
+    logger = Logger(wd, is_main)
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    last = {"step": start, "train": {}, "eval": {}}
+    pending = None  # (step number, device metrics) of the step in flight
+    last_data_state = data_state
+    t0, seen0 = time.perf_counter(), start
+    batch_size = int(cfg.train.batch_size)
+
+    def finish_step(step_no, dev_metrics):
+        host = _scalars(dev_metrics)
+        if not math.isfinite(host["total"]):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(host.items()))
+            raise NonFiniteLoss(f"loss is {host['total']} at step {step_no} ({terms}); stopped, "
+                                f"the last checkpoint in {wd / 'checkpoints'} is kept")
+        last["train"] = host
+        if step_no % int(cfg.train.log_every) == 0 or step_no == total:
+            rate = (step_no - seen0) * batch_size / max(time.perf_counter() - t0, 1e-9)
+            logger.write("train", step_no, dict(host, slices_per_s=round(rate, 3)))
+            if bar is not None:
+                bar.set_postfix(loss=f"{host['total']:.4f}", sl_s=f"{rate:.1f}")
+
+    def checkpoint(step_no, st, dstate, eval_metrics=None):
+        host_state = runner.get_state(st)
+        ckpt.save(step_no, host_state, dstate, eval_metrics)
+        if eval_metrics:
+            ckpt.save_best(step_no, host_state, dstate, eval_metrics)
+
+    try:
+        for step_no in range(start + 1, total + 1):
+            with signals.deferred(finish_s=300):
+                host_batch = next(it)
+                data_pos = it.get_state()
+                state, dev_metrics = runner.step(state, runner.put_batch(host_batch))
+                if pending is not None:
+                    finish_step(*pending)
+                pending = (step_no, dev_metrics)
+                last_data_state = data_pos
+                if bar is not None:
+                    bar.update(1)
+                do_eval = step_no % int(cfg.train.eval_every) == 0 or step_no == total
+                do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0 or signals.pending()
+                if do_ckpt:
+                    finish_step(*pending)
+                    pending = None
+                    eval_metrics = None
+                    if do_eval:
+                        report, _ = evaluate_split(runner, runner.get_state(state).variables(), val_data, cfg, shard)
+                        eval_metrics = _summary_metrics(report)
+                        logger.write("eval", step_no, eval_metrics)
+                        last["eval"] = eval_metrics
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{last['train']['total']:.4f}",
+                                            val_dice=f"{eval_metrics['dice_volume_mean']:.3f}")
+                    checkpoint(step_no, state, last_data_state, eval_metrics)
+                    last["step"] = step_no
+        if pending is not None:
+            finish_step(*pending)
+        last["step"] = total
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        if bar is not None:
+            bar.close()
+        logger.close()
+    elapsed = time.perf_counter() - t0
+    summary = {"workdir": str(wd), "steps": total, "resumed_from": start, "seconds": round(elapsed, 1),
+               "slices_per_s": round((total - start) * batch_size / max(elapsed, 1e-9), 3),
+               "train": last["train"], "validation": last["eval"], "best_val_dice_volume_mean": ckpt.best_value}
+    if is_main:
+        write_json(wd / "train_summary.json", summary)
+        try:
+            from dlvae_jax.train import plots
+
+            plots.training_plots(wd)
+        except ImportError:
+            pass
+    return summary
