@@ -34,8 +34,9 @@ N_PATIENTS, N_SLICES, SIZE = 4, 6, 64  # patient index 3 has no tumor
 class FakePredictor:
     """Follows the inference contract; `mode` picks what it predicts."""
 
-    def __init__(self, data_dir: Path, mode: str):
-        self.config = ml_collections.ConfigDict({"data": {"data_dir": str(data_dir), "image_size": SIZE}})
+    def __init__(self, data_dir: Path, mode: str, channels: str = "flair"):
+        self.config = ml_collections.ConfigDict({"data": {"data_dir": str(data_dir), "image_size": SIZE,
+                                                          "channels": channels}})
         self.step = 7
         self.mode = mode
         index = lgg.scan(data_dir)
@@ -46,7 +47,12 @@ class FakePredictor:
     def _rng(self, flair_HxW: np.ndarray, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([zlib.crc32(flair_HxW.tobytes()), salt])
 
-    def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+    def _flair(self, images: np.ndarray) -> np.ndarray:
+        assert images.dtype == np.uint8 and images.ndim == (4 if self.config.data.channels == "all" else 3)
+        return images[..., 1] if images.ndim == 4 else images
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        flair_BxHxW = self._flair(images)
         truth = np.stack([self.truth[f.tobytes()] for f in flair_BxHxW])
         has = truth.any(axis=(1, 2))
         if self.mode == "truth":
@@ -62,7 +68,8 @@ class FakePredictor:
                 tumor_prob[i] = rng.random()
         return {"prob_BxHxW": prob.astype(np.float32), "tumor_prob_B": tumor_prob.astype(np.float32)}
 
-    def sample(self, flair_BxHxW: np.ndarray, n: int, seed: int) -> np.ndarray:
+    def sample(self, images: np.ndarray, n: int, seed: int) -> np.ndarray:
+        flair_BxHxW = self._flair(images)
         out = np.stack([self._rng(f, seed).random((n, *f.shape)) for f in flair_BxHxW], axis=1).astype(np.float32)
         for i, f in enumerate(flair_BxHxW):
             self.draws[f.tobytes()] = out[:, i]
@@ -93,8 +100,8 @@ def workdir(tmp_path, data_dir) -> Path:
 def use_fake(monkeypatch, data_dir):
     """Installs a FakePredictor of the given mode for both commands; returns it."""
 
-    def install(mode: str) -> FakePredictor:
-        fake = FakePredictor(data_dir, mode)
+    def install(mode: str, channels: str = "flair") -> FakePredictor:
+        fake = FakePredictor(data_dir, mode, channels)
         monkeypatch.setattr(evaluate_mod, "load_predictor", lambda workdir, checkpoint="best": fake)
         monkeypatch.setattr(predict_mod, "load_predictor", lambda workdir, checkpoint="best": fake)
         return fake
@@ -115,9 +122,9 @@ def _expected(data_dir: Path, fake: FakePredictor, patients: list[str] | None) -
     """The figures, recomputed from the fake's output without dlvae_jax.metrics."""
     index = lgg.scan(data_dir)
     records = [r for r in index.records if patients is None or r.patient in patients]
-    flair, truth = lgg.load_arrays(records)
+    images, truth = lgg.load_arrays(records, fake.config.data.channels)
     truth = truth.astype(bool)
-    out = fake(flair)
+    out = fake(images)
     labels = out["tumor_prob_B"] >= 0.5
     pred = (out["prob_BxHxW"] >= 0.5) & labels[:, None, None]
     true_labels = truth.any(axis=(1, 2))
@@ -189,9 +196,9 @@ def test_evaluate_empty_predictor_has_zero_recall(monkeypatch, workdir, use_fake
     assert report["hd95_skipped"] == report["n_tumor_slices"] > 0
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 64])
-def test_evaluate_figures_match_independent_computation(workdir, data_dir, use_fake, batch_size):
-    fake = use_fake("noisy")
+@pytest.mark.parametrize("batch_size,channels", [(1, "flair"), (5, "all"), (64, "flair")])
+def test_evaluate_figures_match_independent_computation(workdir, data_dir, use_fake, batch_size, channels):
+    fake = use_fake("noisy", channels)
     report = evaluate_mod.evaluate(workdir, split="all", batch_size=batch_size, n_overlays=3)
     want = _expected(data_dir, fake, None)
     assert want["hd95_n"] > 0 and 0 < want["dice_volume_mean"] < 1 and 0 < want["slice_accuracy"] < 1
@@ -228,8 +235,9 @@ def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fak
         assert len(err.splitlines()) == 1 and words in err, err
 
 
-def test_predict_files(monkeypatch, tmp_path, workdir, data_dir, use_fake):
-    fake = use_fake("noisy")
+@pytest.mark.parametrize("channels", ["flair", "all"])
+def test_predict_files(monkeypatch, tmp_path, workdir, data_dir, use_fake, channels):
+    fake = use_fake("noisy", channels)
     patients = sorted(p for p in data_dir.iterdir() if p.is_dir())
     single = sorted(patients[1].glob("*_3.tif"))[0]
     out = tmp_path / "pred"
@@ -240,8 +248,9 @@ def test_predict_files(monkeypatch, tmp_path, workdir, data_dir, use_fake):
     assert len(rows) == N_SLICES + 1  # the slice given twice is predicted once
     assert [Path(r["input"]).name for r in rows[:3]] == [f"{patients[0].name}_{k}.tif" for k in (1, 2, 3)]
     for row in rows:
-        flair = tifffile.imread(row["input"])[:, :, 1]
-        ref = fake(flair[None])
+        image = tifffile.imread(row["input"])
+        flair = image[:, :, 1]
+        ref = fake((image if channels == "all" else flair)[None])
         base = out / row["output"]
         mask = tifffile.imread(f"{base}_mask.tif")
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
@@ -287,3 +296,25 @@ def test_predict_bad_inputs(monkeypatch, tmp_path, workdir, data_dir, use_fake, 
                                "--quiet", str(patient)])
     assert rc == 2 and "choose another --out" in capsys.readouterr().err
     assert patient.is_dir()
+
+
+def test_predict_three_channel_run_refuses_gray_slice(monkeypatch, tmp_path, workdir, use_fake, capsys):
+    use_fake("truth", "all")
+    gray = tmp_path / "case" / "case_1.tif"
+    gray.parent.mkdir()
+    tifffile.imwrite(gray, np.zeros((SIZE, SIZE), np.uint8))
+    rc = run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(tmp_path / "pred"), "--quiet",
+                               str(gray)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(gray) in err and "three" in err, err
+    assert not (tmp_path / "pred").exists()
+
+
+def test_default_data_dir(tmp_path):
+    cfg = ml_collections.ConfigDict({"data": {"data_dir": ""}})
+    with pytest.raises(evaluate_mod.DlvaeError, match="--data-dir"):
+        evaluate_mod.default_data_dir(cfg, tmp_path)
+    (tmp_path / "data").mkdir()  # where training writes its synthetic phantoms
+    assert evaluate_mod.default_data_dir(cfg, tmp_path) == tmp_path / "data"
+    cfg.data.data_dir = str(tmp_path / "lgg")
+    assert evaluate_mod.default_data_dir(cfg, tmp_path) == tmp_path / "lgg"

@@ -62,12 +62,15 @@ def register(subparsers) -> None:
         description=evaluate_doc,
     )
     p.add_argument("--workdir", required=True, help="training folder (holds config.json, splits.json, checkpoints/)")
-    p.add_argument("--data-dir", default=None, help="LGG-layout folder; default: the one in the training config")
+    p.add_argument("--data-dir", default=None,
+                   help="LGG-layout folder; default: the one training used (config data.data_dir, else WORKDIR/data)")
     p.add_argument("--split", choices=SPLIT_CHOICES, default="test",
                    help="patients to score: a split of WORKDIR/splits.json, or all of the data folder (default test)")
     p.add_argument("--checkpoint", choices=_CHECKPOINTS, default="best", help="checkpoint to load (default best)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per predictor call (default 32)")
-    p.add_argument("--overlays", type=int, default=8, help="overlay PNGs to write (default 8)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per predictor call (default: the config's eval.batch_size)")
+    p.add_argument("--overlays", type=int, default=None,
+                   help="overlay PNGs to write (default: the config's eval.overlays)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 

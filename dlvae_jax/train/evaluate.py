@@ -99,12 +99,30 @@ def _check_workdir(workdir: Path) -> None:
             raise DlvaeError(f"{workdir}: not a dlvae-jax training folder (no {name})")
 
 
-def _config_data_dir(config: Any) -> str | None:
+def _config_value(config: Any, section: str, name: str) -> Any:
     try:
-        value = config.data.data_dir
+        return getattr(getattr(config, section), name)
     except (AttributeError, KeyError):
         return None
-    return str(value) if value else None
+
+
+def default_data_dir(config: Any, workdir: Path) -> Path:
+    """The data the run trained on: config.data.data_dir, or the synthetic phantoms training wrote to W/data."""
+    value = _config_value(config, "data", "data_dir")
+    if value:
+        return Path(str(value)).expanduser()
+    if (workdir / "data").is_dir():
+        return workdir / "data"
+    raise DlvaeError(f"{workdir}: the training config names no data.data_dir and there is no {workdir / 'data'}; "
+                     "pass --data-dir")
+
+
+def model_channels(config: Any) -> str:
+    """"flair" or "all": the channels the run was trained on (config.data.channels, default "flair")."""
+    try:
+        return "all" if config.data.channels == "all" else "flair"
+    except (AttributeError, KeyError):
+        return "flair"
 
 
 def select_records(index, workdir: Path, split: str):
@@ -274,14 +292,16 @@ def evaluate(
     data_dir: str | os.PathLike | None = None,
     split: str = "test",
     checkpoint: str = "best",
-    batch_size: int = 32,
-    n_overlays: int = 8,
+    batch_size: int | None = None,
+    n_overlays: int | None = None,
     progress: bool = False,
 ) -> dict:
     """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
 
-    data_dir: an LGG-layout folder (default: the config's ``data.data_dir``).
-    split: see the module docstring. checkpoint: "best" or "latest".
+    data_dir: an LGG-layout folder (default: the one training used, see
+    `default_data_dir`). split: see the module docstring. checkpoint: "best"
+    or "latest". batch_size, n_overlays: default to the config's
+    ``eval.batch_size`` and ``eval.overlays`` (else 32 and 8).
     """
     from tqdm import tqdm
 
@@ -292,26 +312,30 @@ def evaluate(
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLIT_CHOICES:
         raise DlvaeError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise DlvaeError(f"--batch-size must be at least 1, got {batch_size}")
     predictor = load_predictor(workdir, checkpoint)
+    if batch_size is None:
+        batch_size = int(_config_value(predictor.config, "eval", "batch_size") or 32)
+    if n_overlays is None:
+        n_overlays = int(_config_value(predictor.config, "eval", "overlays") or 8)
     if data_dir is None:
-        data_dir = _config_data_dir(predictor.config)
-        if data_dir is None:
-            raise DlvaeError(f"{workdir}: the training config names no data.data_dir; pass --data-dir")
+        data_dir = default_data_dir(predictor.config, workdir)
     index = lgg.scan(data_dir, progress=progress)
     records, n_in_train = select_records(index, workdir, split)
     if split == "all" and n_in_train:
         print(f"note: {n_in_train} of these patients were used for training", file=sys.stderr)
 
+    channels = model_channels(predictor.config)
     chosen = _overlay_choice([r.has_tumor for r in records], n_overlays)
     kept: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, float]] = []
     acc = metrics.SegmentationAccumulator()
     bar = tqdm(total=len(records), desc=f"evaluate {split}", unit="slice", disable=not progress, file=sys.stderr)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        flair, truth = lgg.load_arrays(batch, "flair")
-        masks, labels = decide(predictor(flair), len(batch), flair.shape[1:])
+        images, truth = lgg.load_arrays(batch, channels)
+        flair = images[..., lgg.FLAIR_CHANNEL] if channels == "all" else images
+        masks, labels = decide(predictor(images), len(batch), flair.shape[1:])
         truth = truth.astype(bool)
         part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
         for j in range(len(batch)):

@@ -2,7 +2,8 @@
 
 An input is a slice TIFF named like the dataset's images, ``<stem>_<n>.tif``
 ((H, W, 3) uint8 with FLAIR in channel 1, or (H, W) uint8 FLAIR), or a folder
-of them (a patient folder; ``*_mask.tif`` files in it are ignored). Masks are
+of them (a patient folder; ``*_mask.tif`` files in it are ignored); a run
+trained on all three channels needs the (H, W, 3) form. Masks are
 decided as in `dlvae-jax evaluate` (`dlvae_jax.train.evaluate.decide`): the
 class head's ``tumor_prob >= 0.5`` says whether there is a tumor, the pixel
 map's ``prob >= 0.5`` where.
@@ -46,7 +47,7 @@ import numpy as np
 
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.io import atomic_path
-from dlvae_jax.train.evaluate import MARKER, decide, overlay_rgb, save_png
+from dlvae_jax.train.evaluate import MARKER, decide, model_channels, overlay_rgb, save_png
 
 BATCH_SIZE = 16
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
@@ -104,8 +105,9 @@ def output_stem(path: Path) -> str:
     return f"{path.resolve().parent.name}/{Path(path.name).stem}"
 
 
-def read_flair(path: Path) -> np.ndarray:
-    """FLAIR of a slice TIFF: uint8 [H, W]. Raises DlvaeError naming the file."""
+def read_slice(path: Path, channels: str = "flair") -> tuple[np.ndarray, np.ndarray]:
+    """(model input, FLAIR) of a slice TIFF, both uint8: input [H, W] for channels "flair",
+    [H, W, 3] for "all" (which needs a three-channel image); FLAIR [H, W]. Raises DlvaeError naming the file."""
     import tifffile
 
     try:
@@ -115,10 +117,17 @@ def read_flair(path: Path) -> np.ndarray:
     if image.dtype != np.uint8:
         raise DlvaeError(f"{path}: dtype is {image.dtype}, expected uint8")
     if image.ndim == 3 and image.shape[2] == 3:
-        return np.ascontiguousarray(image[:, :, 1])
-    if image.ndim == 2:
-        return image
-    raise DlvaeError(f"{path}: shape is {image.shape}, expected (H, W, 3) or (H, W)")
+        flair = np.ascontiguousarray(image[:, :, 1])
+    elif image.ndim == 2:
+        flair = image
+    else:
+        raise DlvaeError(f"{path}: shape is {image.shape}, expected (H, W, 3) or (H, W)")
+    if channels != "all":
+        return flair, flair
+    if image.ndim != 3:
+        raise DlvaeError(f"{path}: has one channel; the model was trained on all three "
+                         "(pre-contrast, FLAIR, post-contrast)")
+    return image, flair
 
 
 def predictive_entropy(prob: np.ndarray) -> np.ndarray:
@@ -162,19 +171,22 @@ def _output_folder(out: Path, overwrite: bool, inputs: Sequence[Path], workdir: 
         yield tmp
 
 
-def _batches(paths: list[Path], size: int) -> Iterator[tuple[list[Path], np.ndarray]]:
-    """Consecutive slices of one H x W, at most `size` at a time: (paths, flair uint8 [B, H, W])."""
+def _batches(paths: list[Path], size: int, channels: str) -> Iterator[tuple[list[Path], np.ndarray, np.ndarray]]:
+    """Consecutive slices of one H x W, at most `size` at a time:
+    (paths, model input uint8 [B, H, W] or [B, H, W, 3], FLAIR uint8 [B, H, W])."""
     group: list[Path] = []
     images: list[np.ndarray] = []
+    flairs: list[np.ndarray] = []
     for p in paths:
-        image = read_flair(p)
+        image, flair = read_slice(p, channels)
         if images and (image.shape != images[0].shape or len(images) == size):
-            yield group, np.stack(images)
-            group, images = [], []
+            yield group, np.stack(images), np.stack(flairs)
+            group, images, flairs = [], [], []
         group.append(p)
         images.append(image)
+        flairs.append(flair)
     if images:
-        yield group, np.stack(images)
+        yield group, np.stack(images), np.stack(flairs)
 
 
 def predict(
@@ -200,15 +212,15 @@ def predict(
     with _output_folder(out, overwrite, paths, workdir) as tmp:
         bar = tqdm(total=len(paths), desc="predict", unit="slice", disable=not progress, file=sys.stderr)
         done = 0
-        for group, flair in _batches(paths, BATCH_SIZE):
-            result = predictor(flair)
+        for group, images, flair in _batches(paths, BATCH_SIZE, model_channels(predictor.config)):
+            result = predictor(images)
             masks, labels = decide(result, len(group), flair.shape[1:])
             tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
             prob = np.asarray(result["prob_BxHxW"], np.float32)
             mean = None
             if samples:
                 # The batch's first slice index joins the seed so each batch draws fresh noise.
-                draws = np.asarray(predictor.sample(flair, samples, seed + done), np.float32)
+                draws = np.asarray(predictor.sample(images, samples, seed + done), np.float32)
                 if draws.shape != (samples, *flair.shape):
                     raise DlvaeError(f"predictor.sample returned {draws.shape}, expected {(samples, *flair.shape)}")
                 mean = draws.mean(axis=0)
