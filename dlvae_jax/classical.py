@@ -9,7 +9,13 @@ folder, so it works out of the box.
 The output folder holds `summary.json` (counts, metrics, timings),
 `slices.jsonl` (one line per slice), `log.jsonl` (one line per batch),
 `dice_per_patient.png` and `overlays/*.png`. Everything is written into a
-temporary folder beside the output and renamed into place at the end.
+temporary folder beside the output and renamed into place at the end (see
+`dlvae_jax.outdir`).
+
+A slice with no brain (FLAIR flat or nearly so: fewer than 1% of its pixels
+more than 16 grey levels above its darkest) gets an empty ROI: K-means would
+otherwise split noise and call the brightest speck a tumor. The summary
+counts such slices as `n_blank_slices`.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from dlvae_jax import metrics
-from dlvae_jax.errors import DlvaeError
-from dlvae_jax.io import atomic_path
+from dlvae_jax import metrics, options, report
+from dlvae_jax.errors import DlvaeError, print_warning
+from dlvae_jax.outdir import output_folder
+
+BLANK_LEVELS = 16       # grey levels above a slice's darkest that count as signal
+BLANK_FRACTION = 0.01   # below this fraction of signal pixels a slice has no brain
 
 
 def _batches(n: int, size: int):
@@ -67,50 +77,12 @@ def _classical_fn(k: int, n_init: int, min_size: int, margin: int, equalize: str
     return run
 
 
-def _save_overlay(path: Path, title: str, flair, equalized, labels, roi, truth) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    panels = [
-        (flair, "FLAIR", "gray"), (equalized, "equalized (Eq. 1)", "gray"), (labels, "K-means clusters", "viridis")
-    ]
-    for ax, (img, name, cmap) in zip(axes, panels):
-        ax.imshow(img, cmap=cmap, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-    axes[3].imshow(flair, cmap="gray", interpolation="nearest")
-    if truth.any():
-        axes[3].contour(truth, levels=[0.5], colors="lime", linewidths=1.0)
-    if roi.any():
-        axes[3].contour(roi, levels=[0.5], colors="red", linewidths=1.0)
-    axes[3].set_title("truth (green) vs K-means ROI (red)", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _save_dice_plot(path: Path, per_patient: dict[str, float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(per_patient)
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(names) + 1), 3.2))
-    ax.bar(range(len(names)), [per_patient[n] for n in names], color="tab:red")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("Dice per volume")
-    ax.set_title("K-means ROI: Dice per patient volume")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def blank_slices(flair_BxHxW: np.ndarray) -> np.ndarray:
+    """bool [B]: slices with no brain (flat or near-flat FLAIR), whose ROI is left empty."""
+    flair = np.asarray(flair_BxHxW)
+    floor = flair.min(axis=(1, 2), keepdims=True).astype(np.int32)
+    signal = (flair.astype(np.int32) > floor + BLANK_LEVELS).mean(axis=(1, 2))
+    return signal < BLANK_FRACTION
 
 
 def run_classical(
@@ -127,23 +99,37 @@ def run_classical(
     synth_patients: int = 6,
     equalize: str = "head",
     progress: bool = True,
+    overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> dict:
-    """Runs the classical pipeline into `out_dir` (written atomically); returns the summary."""
+    """Runs the classical pipeline into `out_dir` (written atomically); returns the summary.
+
+    `out_dir` follows `dlvae_jax.outdir.output_folder`: it must not exist or be
+    empty, or carry our marker when `overwrite` is set, and it must not
+    overlap `data_dir`.
+    """
     import jax
     from tqdm import tqdm
 
     from dlvae_jax.data import lgg
-    from dlvae_jax.data.synth import synthesize
+    from dlvae_jax.data.synth import synthesize_into
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, replace_dir=True) as tmp:  # --overwrite was checked by the caller
-        tmp.mkdir()
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DlvaeError(f"{data_dir}: no such data folder")
+    with output_folder(out_dir, "classical", overwrite=overwrite, inputs=[data_dir]) as tmp:
         if data_dir is None:
-            source = synthesize(tmp / "data", n_patients=synth_patients, seed=seed)
+            source = synthesize_into(tmp / "data", n_patients=synth_patients, seed=seed)
             source_name = f"synthetic phantoms ({synth_patients} patients, seed {seed}) in {out_dir / 'data'}"
         else:
             source, source_name = Path(data_dir), str(data_dir)
-        index = lgg.scan(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lgg.DataWarning)  # printed below as plain lines
+            index = lgg.scan(source, skip_bad=skip_bad)
+        for note in index.warnings:
+            print_warning(note)
+        for _, fault in index.skipped:
+            print_warning(f"skipped (--skip-bad): {fault}")
         records = list(index.records)
         batch_size = min(batch_size, len(records))  # no padding beyond the data set
         run = _classical_fn(k, n_init, min_size, margin, equalize)
@@ -169,7 +155,9 @@ def run_classical(
                     compile_s = elapsed
                 else:
                     compute_s += elapsed
-                equalized, labels, roi = equalized[:n], labels[:n], roi[:n]
+                equalized, labels, roi = equalized[:n], labels[:n], np.array(roi[:n])
+                blank = blank_slices(flair)
+                roi[blank] = False
                 for j, rec in enumerate(records[start:stop]):
                     t = truth[j] > 0
                     c = metrics.confusion(roi[j], t)
@@ -182,16 +170,20 @@ def run_classical(
                         "patient": rec.patient,
                         "slice": rec.slice_number,
                         "tumor": bool(t.any()),
+                        "blank": bool(blank[j]),
                         "tumor_pixels": int(t.sum()),
                         "roi_pixels": int(roi[j].sum()),
                         "overlap_pixels": c["tp"],
                         "dice": metrics.dice_from_counts(c),
                     })
                     if start + j in overlay_ids:
-                        _save_overlay(
+                        report.save_overlay(
                             tmp / "overlays" / f"{rec.patient}_{rec.slice_number:03d}.png",
-                            f"{rec.patient} slice {rec.slice_number}",
-                            flair[j], equalized[j], labels[j], roi[j], t,
+                            flair[j], t, roi[j],
+                            title=f"{rec.patient} slice {rec.slice_number}",
+                            panels=[(flair[j], "FLAIR", "gray"), (equalized[j], "equalized (Eq. 1)", "gray"),
+                                    (labels[j], "K-means clusters", "viridis")],
+                            overlay_title="truth (green) vs K-means ROI (red)",
                         )
                 log.write(json.dumps({"batch": b, "slices": n, "seconds": round(elapsed, 4)}) + "\n")
                 bar.update(n)
@@ -201,7 +193,8 @@ def run_classical(
             for row in slice_rows:
                 f.write(json.dumps(row) + "\n")
         dice_volume = {p: metrics.dice_from_counts(c) for p, c in volume_counts.items()}
-        _save_dice_plot(tmp / "dice_per_patient.png", dice_volume)
+        report.save_dice_plot(tmp / "dice_per_patient.png", dice_volume,
+                              title="K-means ROI: Dice per patient volume")
         pixel_counts = {name: sum(c[name] for c in volume_counts.values()) for name in ("tp", "fp", "tn", "fn")}
         tumor_dice = [r["dice"] for r in slice_rows if r["tumor"]]
         steady = len(records) - batch_size
@@ -210,6 +203,7 @@ def run_classical(
             "n_patients": len(index.patients),
             "n_slices": len(records),
             "n_tumor_slices": int(sum(true_slice)),
+            "n_blank_slices": int(sum(r["blank"] for r in slice_rows)),
             "k": k,
             "equalize": equalize,
             "seed": seed,
@@ -229,24 +223,25 @@ def run_classical(
 
 def format_summary(summary: dict) -> str:
     s, p = summary["slice"], summary["pixel"]
-    tumor_dice = summary["dice_tumor_slices_mean"]
-    tumor_dice = "n/a" if tumor_dice is None else f"{tumor_dice:.4f}"
+    table = report.metrics_table([
+        ("slice accuracy (Eq. 13)", s["accuracy"]),
+        ("slice precision (Eq. 14)", s["precision"]),
+        ("slice recall (Eq. 15)", s["recall"]),
+        ("slice F1 (Eq. 16)", s["f1"]),
+        ("pixel precision", p["precision"]),
+        ("pixel recall", p["recall"]),
+        ("pixel F1", p["f1"]),
+        ("Dice per volume, mean", summary["dice_volume_mean"]),
+        ("Dice per volume, median", summary["dice_volume_median"]),
+        ("Dice, tumor slices, mean", summary["dice_tumor_slices_mean"]),
+    ], header=("metric", "value"))
     lines = [
         f"data: {summary['data']}",
         f"patients {summary['n_patients']}, slices {summary['n_slices']} "
-        f"({summary['n_tumor_slices']} with tumor), k = {summary['k']}",
+        f"({summary['n_tumor_slices']} with tumor, {summary.get('n_blank_slices', 0)} without brain: "
+        f"empty ROI), k = {summary['k']}",
         "",
-        f"{'metric':<28}{'value':>8}",
-        f"{'slice accuracy (Eq. 13)':<28}{s['accuracy']:>8.4f}",
-        f"{'slice precision (Eq. 14)':<28}{s['precision']:>8.4f}",
-        f"{'slice recall (Eq. 15)':<28}{s['recall']:>8.4f}",
-        f"{'slice F1 (Eq. 16)':<28}{s['f1']:>8.4f}",
-        f"{'pixel precision':<28}{p['precision']:>8.4f}",
-        f"{'pixel recall':<28}{p['recall']:>8.4f}",
-        f"{'pixel F1':<28}{p['f1']:>8.4f}",
-        f"{'Dice per volume, mean':<28}{summary['dice_volume_mean']:>8.4f}",
-        f"{'Dice per volume, median':<28}{summary['dice_volume_median']:>8.4f}",
-        f"{'Dice, tumor slices, mean':<28}{tumor_dice:>8}",
+        table,
         "",
         f"compile + first batch {summary['compile_and_first_batch_s']} s on {summary['device']}"
         + ("" if summary["steady_slices_per_s"] is None else f"; then {summary['steady_slices_per_s']} slices/s"),
@@ -256,21 +251,6 @@ def format_summary(summary: dict) -> str:
 
 def _cmd_classical(args) -> int:
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DlvaeError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise DlvaeError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
-    if args.data_dir is not None:
-        data = Path(args.data_dir)
-        if not data.is_dir():
-            raise DlvaeError(f"{data}: no such data folder")
-        if out.resolve() == data.resolve() or out.resolve() in data.resolve().parents:
-            raise DlvaeError(f"{out}: holds the data folder {data}; choose another --out")
-    for name, value, least in [("k", args.k, 2), ("n-init", args.n_init, 1), ("batch-size", args.batch_size, 1),
-                               ("patients", args.patients, 1), ("margin", args.margin, 0),
-                               ("min-size", args.min_size, 0), ("overlays", args.overlays, 0)]:
-        if value < least:
-            raise DlvaeError(f"--{name} must be at least {least}, got {value}")
     summary = run_classical(
         out,
         None if args.data_dir is None else Path(args.data_dir),
@@ -284,6 +264,8 @@ def _cmd_classical(args) -> int:
         synth_patients=args.patients,
         equalize=args.equalize,
         progress=not args.quiet and sys.stderr.isatty(),
+        overwrite=args.overwrite,
+        skip_bad=args.skip_bad,
     )
     print(format_summary(summary))
     print(f"\nwrote {out}{os.sep}: summary.json, slices.jsonl, log.jsonl, dice_per_patient.png, overlays/")
@@ -296,19 +278,26 @@ def register(subparsers) -> None:
         help="equalize, K-means and ROI on a data folder (synthetic by default); write metrics and overlays",
         description=__doc__,
     )
-    p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="output folder (created; must not exist or be empty, or be one dlvae-jax made "
+                        "when --overwrite is given)")
     p.add_argument("--data-dir", default=None,
                    help="LGG-layout folder; default: synthetic phantoms written to OUT/data")
-    p.add_argument("--patients", type=int, default=6, help="synthetic patients when no --data-dir (default 6)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the K-means keys")
-    p.add_argument("--k", type=int, default=4, help="K-means clusters (default 4)")
-    p.add_argument("--n-init", type=int, default=10, help="K-means restarts, best kept (default 10)")
-    p.add_argument("--min-size", type=int, default=64, help="ROI components smaller than this many pixels are dropped")
-    p.add_argument("--margin", type=int, default=8, help="pixels eroded from the head mask to drop the scalp rim")
+    p.add_argument("--patients", type=options.BOUNDS["--patients"], default=6,
+                   help="synthetic patients when no --data-dir")
+    p.add_argument("--seed", type=options.seed, default=0, help="seed of the synthetic data and the K-means keys")
+    p.add_argument("--k", type=options.BOUNDS["--k"], default=4, help="K-means clusters, 2..255")
+    p.add_argument("--n-init", type=options.BOUNDS["--n-init"], default=10, help="K-means restarts, best kept")
+    p.add_argument("--min-size", type=options.BOUNDS["--min-size"], default=64,
+                   help="ROI components smaller than this many pixels are dropped")
+    p.add_argument("--margin", type=options.BOUNDS["--margin"], default=8,
+                   help="pixels eroded from the head mask to drop the scalp rim")
     p.add_argument("--equalize", choices=("head", "whole"), default="head",
-                   help="equalize and cluster inside the head (default) or the whole slice, as the paper does")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--overlays", type=int, default=8, help="overlay PNGs to write (default 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+                   help="equalize and cluster inside the head, or the whole slice as the paper does")
+    p.add_argument("--batch-size", type=options.BOUNDS["--batch-size"], default=64, help="slices per batch")
+    p.add_argument("--overlays", type=options.BOUNDS["--overlays"], default=8, help="overlay PNGs to write")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad slices and report them instead of failing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder made by dlvae-jax (never any other folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_classical)

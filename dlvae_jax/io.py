@@ -1,4 +1,10 @@
-"""Atomic file writes: nothing half-written is ever left at the final path."""
+"""Atomic file writes: nothing half-written is ever left at the final path.
+
+Whole output folders are `dlvae_jax.outdir`'s job (`output_folder`,
+`run_folder`, re-exported here); this module writes single files. Temporaries
+follow outdir's naming (``.NAME.tmp-<pid>-<random>``), so a later run removes
+those of a killed process.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from dlvae_jax import signals
+from dlvae_jax.outdir import MARKER, output_folder, remove_stale_temporaries, run_folder, sibling
+
+__all__ = ["MARKER", "atomic_path", "output_folder", "remove_stale_temporaries", "run_folder",
+           "write_json", "write_text"]
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -20,7 +32,7 @@ def _remove(path: Path) -> None:
 
 def _sibling(path: Path, tag: str) -> Path:
     """A fresh unused name beside `path` (hidden, so it is not mistaken for output)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{tag}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=sibling(path, tag), dir=path.parent)
     os.close(fd)
     os.unlink(tmp)
     return Path(tmp)
@@ -37,24 +49,30 @@ def atomic_path(path: str | os.PathLike, *, replace_dir: bool = False) -> Iterat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
+    remove_stale_temporaries(path.parent)
+    with signals.critical():
+        tmp = _sibling(path, "tmp")
+        signals.register(tmp)
     old = None
     try:
         yield tmp
-        if replace_dir and path.is_dir() and not path.is_symlink():
-            old = _sibling(path, "old")
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-                old = None
-            raise
+        with signals.critical():
+            if replace_dir and path.is_dir() and not path.is_symlink():
+                old = _sibling(path, "old")
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, path)
+                    old = None
+                raise
     finally:
-        _remove(tmp)
-        if old is not None:
-            _remove(old)
+        with signals.critical():
+            _remove(tmp)
+            signals.unregister(tmp)
+            if old is not None:
+                _remove(old)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

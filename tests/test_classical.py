@@ -50,6 +50,12 @@ def test_outputs_and_counts(classical_out, synth_dir):
     assert np.isclose(summary["pixel"]["precision"], tp / pred)
     assert np.isclose(summary["pixel"]["recall"], tp / true)
     assert np.isclose(summary["pixel"]["accuracy"], 1 - (pred + true - 2 * tp) / (len(rows) * h * w))
+    # Slices without brain (all flat on disk) get no ROI and are counted.
+    flat = {(m.parent.name.rsplit("_", 1)[0], int(m.stem.split("_")[-2]))
+            for m in masks if np.ptp(tifffile.imread(str(m).replace("_mask.tif", ".tif"))[:, :, 1]) == 0}
+    blank = {(r["patient"], r["slice"]) for r in rows if r["blank"]}
+    assert flat <= blank and summary["n_blank_slices"] == len(blank)
+    assert all(r["roi_pixels"] == 0 for r in rows if r["blank"])
     # The synthetic tumors are FLAIR-bright: the ROI must overlap them.
     assert summary["pixel"]["recall"] > 0.5
     assert not list(classical_out.parent.glob(".*tmp"))
@@ -115,7 +121,7 @@ def test_refuses_bad_arguments(case, synth_dir, tmp_path, capsys):
     elif case == "data_inside":
         shutil.copytree(synth_dir, out / "data")
         args = ["classical", "--data-dir", str(out / "data"), "--out", str(out), "--overwrite", "--quiet"]
-        message = "holds the data folder"
+        message = "holds the input folder"
     else:
         args += ["--batch-size", "0"]
         message = "--batch-size"

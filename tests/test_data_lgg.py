@@ -169,7 +169,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(name, copy_dir, tmp_path, ca
 
     out_tfds, work = tmp_path / "tfds", tmp_path / "work"
     assert main(["data", "build", "--data-dir", str(copy_dir), "--tfds-dir", str(out_tfds)]) != 0
-    assert main(["data", "split", "--data-dir", str(copy_dir), "--work-dir", str(work)]) != 0
+    assert main(["data", "split", "--data-dir", str(copy_dir), "--workdir", str(work)]) != 0
     assert str(bad) in capsys.readouterr().err
     assert not out_tfds.exists() and not work.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders either

@@ -13,7 +13,8 @@ from dlvae_jax.cli import main
 from dlvae_jax.data import lgg
 from dlvae_jax.data.splits import make_splits, read_splits, records_for_split
 from dlvae_jax.data.synth import synthesize
-from dlvae_jax.errors import DataError
+from dlvae_jax.errors import DataError, OutputError
+from dlvae_jax.outdir import MARKER
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +53,13 @@ def test_stratified_by_institution_and_tumor(index20):
 
 
 def test_split_cli_writes_splits_json(synth_dir, tmp_path, capsys):
-    assert main(["data", "split", "--data-dir", str(synth_dir), "--work-dir", str(tmp_path), "--seed", "4"]) == 0
+    assert main(["data", "split", "--data-dir", str(synth_dir), "--workdir", str(tmp_path), "--seed", "4"]) == 0
     data = json.loads((tmp_path / "splits.json").read_text())
     assert data["seed"] == 4
     assert data["splits"] == make_splits(lgg.scan(synth_dir), 4)
     assert read_splits(tmp_path) == data["splits"]
     assert sum(c["slices"] for c in data["counts"].values()) == 72
-    assert [p.name for p in tmp_path.iterdir()] == ["splits.json"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "splits.json"]  # no temp files left
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"splits": {"train": ["A", "B"], "test": ["B"]}}))
     with pytest.raises(DataError, match="patient B is in both train and test"):
@@ -72,8 +73,8 @@ def test_synth_is_deterministic_and_in_layout(tmp_path):
     a = synthesize(tmp_path / "a", n_patients=2, seed=9, size=64, slices_per_patient=5)
     b = synthesize(tmp_path / "b", n_patients=2, seed=9, size=64, slices_per_patient=5)
     c = synthesize(tmp_path / "c", n_patients=2, seed=10, size=64, slices_per_patient=5)
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != MARKER)
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != MARKER)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files_a if f.suffix == ".tif")
     assert len(files_a) == 2 * 5 * 2 + 1 and Path("data.csv") in files_a
@@ -82,7 +83,8 @@ def test_synth_is_deterministic_and_in_layout(tmp_path):
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
     assert msk.shape == (64, 64) and msk.dtype == np.uint8 and set(np.unique(msk)) <= {0, 255}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    with pytest.raises(DataError, match="already exists"):
+    assert json.loads((a / MARKER).read_text())["command"] == "data synth"
+    with pytest.raises(OutputError, match="already exists"):
         synthesize(a, n_patients=1, seed=0)
 
 

@@ -39,6 +39,8 @@ FLAIR_CHANNEL = 1
 CHANNEL_CHOICES = ("flair", "all")
 
 _PATIENT_DIR_RE = re.compile(r"^TCGA_([A-Za-z0-9]+)_([A-Za-z0-9]+)_(\d{8})$")
+# TFDS stores the slice number as int32; the download numbers slices from 1.
+MAX_SLICE_NUMBER = 2**31 - 1
 
 
 class DataWarning(UserWarning):
@@ -195,15 +197,56 @@ def load_arrays(
 # ----------------------------------------------------------------------------- scanning
 
 
-def _read_csv_patients(csv_path: Path) -> set[str] | None:
+def _read_csv_patients(csv_path: Path, notes: list[str]) -> set[str] | None:
+    """Patient ids of data.csv, or None (with a note) when it cannot be used.
+
+    The file is optional, so a fault here is a warning, never an error.
+    "utf-8-sig" reads both plain UTF-8 and Excel's "CSV UTF-8" (with a BOM).
+    """
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or "Patient" not in reader.fieldnames:
-                raise DataError(f"{csv_path}: no 'Patient' column in header {reader.fieldnames}")
-            return {row["Patient"] for row in reader if row.get("Patient")}
+            if not reader.fieldnames:
+                notes.append(f"{csv_path}: empty, ignored")
+                return None
+            names = [n.strip() for n in reader.fieldnames]
+            if "Patient" not in names:
+                notes.append(f"{csv_path}: no 'Patient' column in its header, ignored")
+                return None
+            column = reader.fieldnames[names.index("Patient")]
+            return {row[column].strip() for row in reader if row.get(column)}
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{csv_path}: unreadable CSV ({err})") from None
+        notes.append(f"{csv_path}: unreadable CSV ({err}), ignored")
+        return None
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise DataError(f"{folder}: cannot list folder ({err.strerror or err})") from None
+
+
+def _gap_note(pid: str, numbers: list[int]) -> str | None:
+    """A note on slice numbers missing from 1..max, in time and memory bounded by len(numbers)."""
+    numbers = sorted(set(numbers))
+    n_missing = numbers[-1] - len(numbers)
+    if n_missing <= 0:
+        return None
+    first, expect = [], 1
+    for n in numbers:
+        while expect < n and len(first) < 10:
+            first.append(expect)
+            expect += 1
+        if len(first) >= 10:
+            break
+        expect = n + 1
+    return f"{pid}: gap in slice numbers, missing {first}{' ...' if n_missing > len(first) else ''}"
+
+
+def _pid_of(pdir: Path) -> str:
+    m = _PATIENT_DIR_RE.match(pdir.name)
+    return f"TCGA_{m.group(1)}_{m.group(2)}"
 
 
 def scan(
@@ -231,7 +274,7 @@ def scan(
         raise DataError(f"{root}: no such folder")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    entries = [p for p in _listdir(root) if not p.name.startswith(".")]
     if not entries:
         raise DataError(f"{root}: empty folder, expected patient folders TCGA_<inst>_<patient>_<date>/")
 
@@ -246,15 +289,30 @@ def scan(
     if not patient_dirs:
         raise DataError(f"{root}: no patient folders named TCGA_<inst>_<patient>_<date>")
 
+    # One patient under two dates would merge two scans into one volume.
+    by_pid: dict[str, list[Path]] = {}
+    for pdir in patient_dirs:
+        m = _PATIENT_DIR_RE.match(pdir.name)
+        by_pid.setdefault(f"TCGA_{m.group(1)}_{m.group(2)}", []).append(pdir)
+    for pid, dirs in by_pid.items():
+        if len(dirs) > 1:
+            for extra in dirs[1:]:
+                faults.append((str(extra), f"{extra}: patient {pid} also has folder {dirs[0]}; "
+                                           "one folder per patient expected"))
+            faults.append((str(dirs[0]), f"{dirs[0]}: patient {pid} also has folder {dirs[1]}; "
+                                         "one folder per patient expected"))
+    patient_dirs = [d for d in patient_dirs if len(by_pid[_pid_of(d)]) == 1]
+
     # Pair images and masks by slice number inside each patient folder.
     candidates: list[tuple[Path, Path, str, str, int]] = []
     for pdir in patient_dirs:
         m = _PATIENT_DIR_RE.match(pdir.name)
         inst, pid = m.group(1), f"TCGA_{m.group(1)}_{m.group(2)}"
-        file_re = re.compile(rf"^{re.escape(pdir.name)}_(\d+)(_mask)?\.tiff?$")
+        file_re = re.compile(rf"^{re.escape(pdir.name)}_(\d+)(_mask)?\.(?i:tiff?)$")
         images: dict[int, Path] = {}
         masks: dict[int, Path] = {}
-        for f in sorted(pdir.iterdir()):
+        duplicates: set[int] = set()
+        for f in _listdir(pdir):
             if f.name.startswith("."):
                 continue
             fm = file_re.match(f.name)
@@ -265,7 +323,21 @@ def scan(
                 else:
                     notes.append(f"{f}: not a slice TIFF, ignored")
                 continue
-            (masks if fm.group(2) else images)[int(fm.group(1))] = f
+            n = int(fm.group(1))
+            if not 1 <= n <= MAX_SLICE_NUMBER:
+                faults.append((str(f), f"{f}: slice number {fm.group(1)} is outside 1..{MAX_SLICE_NUMBER}"))
+                continue
+            # "_01" and "_1", ".tiff" and ".tif": two files for one slice.
+            same = masks if fm.group(2) else images
+            if n in same:
+                faults.append((str(f), f"{f}: same slice as {same[n]} (patient {pid}, slice {n})"))
+                duplicates.add(n)
+                continue
+            same[n] = f
+        for n in sorted(duplicates):
+            for kept in (images.pop(n, None), masks.pop(n, None)):
+                if kept is not None and not any(p == str(kept) for p, _ in faults):
+                    faults.append((str(kept), f"{kept}: skipped with its duplicate (patient {pid}, slice {n})"))
         for n in sorted(set(images) | set(masks)):
             if n not in masks:
                 faults.append((str(images[n]), f"{images[n]}: image has no mask (expected {pdir.name}_{n}_mask.tif)"))
@@ -273,7 +345,7 @@ def scan(
                 faults.append((str(masks[n]), f"{masks[n]}: mask has no image (expected {pdir.name}_{n}.tif)"))
             else:
                 candidates.append((images[n], masks[n], pid, inst, n))
-        if not images and not masks:
+        if not images and not masks and not duplicates:
             faults.append((str(pdir), f"{pdir}: patient folder has no slices"))
 
     # Read everything once (threads: zlib decoding releases the GIL).
@@ -326,15 +398,15 @@ def scan(
         by_patient.setdefault(r.patient, []).append(r.slice_number)
     for pid, numbers in by_patient.items():
         # The download numbers slices 1..n; anything absent in between is a gap.
-        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
-        if missing:
-            notes.append(f"{pid}: gap in slice numbers, missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        note = _gap_note(pid, numbers)
+        if note:
+            notes.append(note)
 
     csv_path = root / "data.csv"
     if csv_path.is_file():
-        listed = _read_csv_patients(csv_path)
+        listed = _read_csv_patients(csv_path, notes)
         found = set(by_patient)
-        if found - listed:
+        if listed is not None and found - listed:
             notes.append(f"{csv_path}: patients with folders but no row: {sorted(found - listed)[:10]}")
 
     for note in notes:

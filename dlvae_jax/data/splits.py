@@ -98,21 +98,30 @@ def write_splits(
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":
         path = path / SPLITS_FILE
+    write_json(path, splits_document(index, splits, seed, fractions))
+    return path
+
+
+def splits_document(
+    index: LggIndex, splits: dict[str, list[str]], seed: int, fractions: Sequence[float] = (0.7, 0.15, 0.15)
+) -> dict:
+    """The JSON object `write_splits` writes (see there)."""
     check_disjoint(splits)
-    write_json(path, {
+    return {
         "seed": int(seed),
         "fractions": [float(f) for f in fractions],
         "splits": splits,
         "counts": split_report(index, splits),
-    })
-    return path
+    }
 
 
 def read_splits(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Reads splits.json (or DIR/splits.json); returns {name: [patient ids]}."""
+    """Reads splits.json (or DIR/splits.json, or DIR/lgg_mri/splits.json); returns {name: [patient ids]}."""
     path = Path(path)
     if path.is_dir():
-        path = path / SPLITS_FILE
+        # A TFDS data dir: `data build` keeps the splits inside lgg_mri/.
+        inner = path / "lgg_mri" / SPLITS_FILE
+        path = inner if not (path / SPLITS_FILE).exists() and inner.exists() else path / SPLITS_FILE
     try:
         data = json.loads(path.read_text())
         splits = {k: list(v) for k, v in data["splits"].items()}

@@ -13,8 +13,8 @@ Every fourth patient (index 3, 7, ...) has no tumor at all, so patient-level
 stratification by tumor presence has both groups; institutions alternate
 between "SY" and "SZ" for the same reason.
 
-Deterministic: the bytes depend only on (n_patients, seed, size,
-slices_per_patient); each patient draws from its own `numpy` Generator seeded
+Deterministic: the bytes of every file but the `.dlvae-jax` marker depend
+only on (n_patients, seed, size, slices_per_patient); each patient draws from its own `numpy` Generator seeded
 with (seed, patient index).
 """
 
@@ -30,7 +30,7 @@ import tifffile
 from scipy import ndimage
 
 from dlvae_jax.errors import DataError
-from dlvae_jax.io import atomic_path
+from dlvae_jax.outdir import output_folder
 
 INSTITUTIONS = ("SY", "SZ")
 SCAN_DATE = "20000101"
@@ -135,50 +135,69 @@ def _tiff_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _check(n_patients: int, size: int, slices_per_patient: int, seed: int, where: Path) -> None:
+    if n_patients < 1:
+        raise DataError(f"{where}: --patients must be at least 1, got {n_patients}")
+    if not 32 <= size <= 4096 or slices_per_patient < 3:
+        raise DataError(f"{where}: size must be in [32, 4096] and slices_per_patient >= 3")
+    if not 0 <= seed < 2**32:
+        raise DataError(f"{where}: seed must be in [0, 2**32), got {seed}")
+
+
 def synthesize(
     out_dir: str | os.PathLike,
     n_patients: int,
     seed: int,
     size: int = 256,
     slices_per_patient: int = 20,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Writes a synthetic dataset in the LGG layout to `out_dir`; returns its Path.
 
     Images are (size, size, 3) uint8 (pre-contrast, FLAIR, post-contrast),
     masks (size, size) uint8 in {0, 255}, plus data.csv. Built in a temporary
-    folder beside `out_dir` and renamed into place, so an interrupted run
-    leaves nothing. `out_dir` must not exist or be an empty folder.
+    folder beside `out_dir` and renamed into place (`dlvae_jax.outdir`), so an
+    interrupted run leaves nothing. `out_dir` must not exist or be an empty
+    folder (or, with `overwrite`, a folder dlvae-jax made).
     """
     out = Path(out_dir)
-    if n_patients < 1:
-        raise DataError(f"{out}: --patients must be at least 1, got {n_patients}")
-    if size < 32 or slices_per_patient < 3:
-        raise DataError(f"{out}: size must be >= 32 and slices_per_patient >= 3")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not an empty folder")
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        rows = []
-        for i in range(n_patients):
-            rng = np.random.default_rng([seed, i])
-            with_tumor = i % 4 != 3
-            images, masks = _patient_volume(rng, size, slices_per_patient, with_tumor)
-            name = patient_folder_name(i)
-            pdir = tmp / name
-            pdir.mkdir()
-            for k in range(slices_per_patient):
-                (pdir / f"{name}_{k + 1}.tif").write_bytes(_tiff_bytes(images[k]))
-                (pdir / f"{name}_{k + 1}_mask.tif").write_bytes(_tiff_bytes(masks[k]))
-            rows.append({
-                "Patient": name.rsplit("_", 1)[0],
-                "tumor_slices": int((masks.reshape(slices_per_patient, -1) > 0).any(1).sum()),
-                "age_at_initial_pathologic": int(rng.integers(20, 75)),
-                "gender": int(rng.integers(1, 3)),
-            })
-        with open(tmp / "data.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        if out.is_dir():
-            out.rmdir()  # empty, checked above; lets the rename land
+    _check(n_patients, size, slices_per_patient, seed, out)
+    with output_folder(out, "data synth", overwrite=overwrite) as tmp:
+        _write(tmp, n_patients, seed, size, slices_per_patient)
     return out
+
+
+def synthesize_into(
+    folder: str | os.PathLike, n_patients: int, seed: int, size: int = 256, slices_per_patient: int = 20
+) -> Path:
+    """Like `synthesize`, into a new folder inside an output folder that is already staged."""
+    folder = Path(folder)
+    _check(n_patients, size, slices_per_patient, seed, folder)
+    folder.mkdir()
+    _write(folder, n_patients, seed, size, slices_per_patient)
+    return folder
+
+
+def _write(tmp: Path, n_patients: int, seed: int, size: int, slices_per_patient: int) -> None:
+    rows = []
+    for i in range(n_patients):
+        rng = np.random.default_rng([seed, i])
+        with_tumor = i % 4 != 3
+        images, masks = _patient_volume(rng, size, slices_per_patient, with_tumor)
+        name = patient_folder_name(i)
+        pdir = tmp / name
+        pdir.mkdir()
+        for k in range(slices_per_patient):
+            (pdir / f"{name}_{k + 1}.tif").write_bytes(_tiff_bytes(images[k]))
+            (pdir / f"{name}_{k + 1}_mask.tif").write_bytes(_tiff_bytes(masks[k]))
+        rows.append({
+            "Patient": name.rsplit("_", 1)[0],
+            "tumor_slices": int((masks.reshape(slices_per_patient, -1) > 0).any(1).sum()),
+            "age_at_initial_pathologic": int(rng.integers(20, 75)),
+            "gender": int(rng.integers(1, 3)),
+        })
+    with open(tmp / "data.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

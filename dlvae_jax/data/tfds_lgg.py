@@ -18,10 +18,11 @@ chosen by `split_seed`. Examples are stored in (patient, slice_number) order
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -128,31 +129,36 @@ def build(
     """Builds `lgg_mri` from `data_dir` into `tfds_dir`; returns (builder, splits).
 
     Scan the folder first (pass `index`) so bad input fails before anything is
-    written. TFDS builds in a hidden staging folder beside `tfds_dir`; only a
-    finished build is renamed into `tfds_dir/lgg_mri/<version>`, so a failed or
-    interrupted build leaves neither a partial dataset nor TFDS's empty
-    `downloads/` and `lgg_mri/` folders behind.
+    written. Only `tfds_dir/lgg_mri/` is ours (`tfds_dir` may hold other
+    datasets): it is an `dlvae_jax.outdir.output_folder`, staged beside
+    itself, holding `<version>/` and the dataset's `splits.json`, and renamed
+    into place only once TFDS has finished, so a failed or interrupted build
+    leaves neither a partial dataset nor TFDS's `downloads/` behind, and the
+    previous build stays as it was.
     """
+    from dlvae_jax.data.splits import write_splits
+    from dlvae_jax.outdir import output_folder
+
     if index is None:
         index = lgg.scan(data_dir)
     tfds_dir = Path(tfds_dir)
     kwargs = dict(split_seed=split_seed, fractions=fractions, image_size=index.image_shape[0], index=index)
-    final = Path(LggMri(data_dir=os.fspath(tfds_dir), **kwargs).data_dir)
-    if final.exists() and not overwrite:
-        raise DataError(f"{final}: already built (pass --overwrite to rebuild)")
-    tfds_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{tfds_dir.name}.{NAME}.", suffix=".tmp", dir=tfds_dir.parent))
-    try:
+    final = tfds_dir / NAME
+    if (final / str(LggMri.VERSION)).exists() and not overwrite:
+        raise DataError(f"{final / str(LggMri.VERSION)}: already built (pass --overwrite to rebuild)")
+    with output_folder(final, "data build", overwrite=overwrite, inputs=[data_dir]) as tmp:
+        stage = tmp / ".tfds"  # TFDS writes DATA_DIR/lgg_mri/<version> and DATA_DIR/downloads
         builder = LggMri(data_dir=os.fspath(stage), **kwargs)
         config = tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir))
-        builder.download_and_prepare(download_config=config)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # --overwrite: the old build goes only once the new one is complete
-            shutil.rmtree(final)
-        os.replace(builder.data_dir, final)
+        # TFDS's own progress lines name the staging folder, which is not the
+        # user's; the command prints where the dataset landed instead.
+        tfds.disable_progress_bar()
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=config)
+        os.rename(builder.data_dir, tmp / str(LggMri.VERSION))
+        shutil.rmtree(stage)
         splits = builder.splits_used
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        write_splits(tmp / "splits.json", index, splits, split_seed, fractions)
     return LggMri(data_dir=os.fspath(tfds_dir), **kwargs), splits
 
 

@@ -1,0 +1,117 @@
+"""Figures and tables shared by the commands that score segmentations.
+
+`save_overlay`: a FLAIR slice with the truth (green) and predicted (red)
+outlines, optionally after other panels (equalized slice, cluster map, ...).
+`save_dice_plot`: Dice per patient volume as bars. `metrics_table`: a text
+table of our figures, with an optional column of the paper's beside them.
+matplotlib is imported lazily and always with the Agg backend, so nothing
+needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+TRUTH_COLOR = "lime"
+PREDICTION_COLOR = "red"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_overlay(
+    path: str | Path,
+    flair_HxW: np.ndarray,
+    truth_HxW: np.ndarray,
+    prediction_HxW: np.ndarray,
+    *,
+    title: str = "",
+    panels: Sequence[tuple[np.ndarray, str, str]] = (),
+    overlay_title: str = "truth (green) vs prediction (red)",
+    dpi: int = 80,
+) -> None:
+    """Writes a PNG: each of `panels` (image, name, colormap), then FLAIR with both outlines."""
+    plt = _pyplot()
+    n = len(panels) + 1
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
+    axes = axes[0]
+    for ax, (img, name, cmap) in zip(axes, panels):
+        ax.imshow(img, cmap=cmap, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+    ax = axes[-1]
+    ax.imshow(flair_HxW, cmap="gray", interpolation="nearest")
+    # contour needs a level crossing: an empty mask has no outline to draw.
+    if np.any(truth_HxW):
+        ax.contour(np.asarray(truth_HxW, np.float32), levels=[0.5], colors=TRUTH_COLOR, linewidths=1.0)
+    if np.any(prediction_HxW):
+        ax.contour(np.asarray(prediction_HxW, np.float32), levels=[0.5], colors=PREDICTION_COLOR, linewidths=1.0)
+    ax.set_title(overlay_title, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def save_dice_plot(
+    path: str | Path, dice_per_patient: Mapping[str, float], *, title: str = "Dice per patient volume"
+) -> None:
+    """Writes a bar plot of Dice per patient (sorted by name); NaN bars are left empty."""
+    plt = _pyplot()
+    names = sorted(dice_per_patient)
+    values = [float(dice_per_patient[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(names) + 1), 3.2))
+    ax.bar(range(len(names)), [0.0 if math.isnan(v) else v for v in values], color="tab:red")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice per volume")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cell(value, width: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'n/a':>{width}}"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):>{width}.4f}"
+    return f"{str(value):>{width}}"
+
+
+def metrics_table(
+    rows: Sequence[tuple[str, object]],
+    *,
+    paper: Mapping[str, object] | None = None,
+    header: tuple[str, str] = ("metric", "ours"),
+    paper_header: str = "paper",
+    label_width: int = 28,
+    width: int = 8,
+) -> str:
+    """A fixed-width text table of (label, value) rows.
+
+    Floats print with 4 decimals and None / NaN as "n/a". With `paper`, a
+    third column gives the paper's figure for each label ("" where it has none).
+    """
+    cols = [f"{header[0]:<{label_width}}{header[1]:>{width}}"]
+    if paper is not None:
+        cols[0] += f"  {paper_header:>{width}}"
+    for label, value in rows:
+        line = f"{label:<{label_width}}{_cell(value, width)}"
+        if paper is not None:
+            line += "  " + (_cell(paper[label], width) if label in paper else " " * width)
+        cols.append(line.rstrip())
+    return "\n".join(cols)

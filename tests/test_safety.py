@@ -1,0 +1,500 @@
+"""Fault injection: no command loses a user's data, crashes, or leaves debris.
+
+Each case checks independent facts: the bytes of the input folder (hashed
+before and after), the files a user put beside the output, the exit code, the
+one line printed, and that no temporary survives the next run. Signal cases
+run real `python -m dlvae_jax.cli` processes and signal them while their
+temporary folder exists, i.e. while work is in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from dlvae_jax import outdir, signals
+from dlvae_jax.cli import build_parser, main
+from dlvae_jax.classical import blank_slices
+from dlvae_jax.data.synth import synthesize
+from dlvae_jax.errors import OutputError
+from dlvae_jax.outdir import MARKER, output_folder, remove_stale_temporaries, run_folder
+
+from conftest import REPO_ROOT
+
+P1 = "TCGA_SY_0001_20000101"
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file, and "<dir>" for every folder."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != MARKER)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("tiny") / "lgg", n_patients=2, seed=3, size=64, slices_per_patient=6)
+
+
+@pytest.fixture
+def data(tiny, tmp_path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(tiny, dst)
+    return dst
+
+
+def run_cli(args, capsys):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- data deleted
+
+
+@pytest.mark.parametrize("where", ["patient_folder", "data_dir", "parent_of_data", "symlink_into_data"])
+def test_output_overlapping_the_data_is_refused(where, data, tmp_path, capsys):
+    before = tree_hash(tmp_path)
+    out = {"patient_folder": data / P1, "data_dir": data, "parent_of_data": tmp_path,
+           "symlink_into_data": tmp_path / "link"}[where]
+    if where == "symlink_into_data":
+        out.symlink_to(data / P1)
+        before = tree_hash(tmp_path)
+    rc, _, err = run_cli(["classical", "--data-dir", data, "--out", out, "--overwrite", "--quiet"], capsys)
+    assert rc == 2
+    line = one_line(err)
+    assert line.startswith(f"dlvae-jax: error: {out}: ") and "input folder" in line
+    assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["classical", "data synth", "data build"])
+def test_overwrite_never_deletes_a_folder_we_did_not_make(command, data, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    args = {"classical": ["classical", "--out", mine, "--quiet"],
+            "data synth": ["data", "synth", "--out", mine, "--size", "32", "--slices", "3", "--patients", "1"],
+            "data build": ["data", "build", "--data-dir", data, "--tfds-dir", tmp_path]}[command]
+    if command == "data build":  # the TFDS dir is shared; only lgg_mri/ inside it is ours
+        (tmp_path / "lgg_mri").mkdir()
+        (tmp_path / "lgg_mri" / "notes.txt").write_text("not ours")
+    before = tree_hash(tmp_path)
+    rc, _, err = run_cli(args + ["--overwrite"], capsys)
+    assert rc == 2 and "was not made by dlvae-jax" in one_line(err)
+    assert tree_hash(tmp_path) == before
+    monkeypatch.chdir(mine)  # --out "$PWD"
+    args = [a if a != mine else Path.cwd() for a in args]
+    rc, _, err = run_cli(args + ["--overwrite"], capsys)
+    assert rc == 2 and "was not made by dlvae-jax" in one_line(err)
+    assert tree_hash(tmp_path) == before
+
+
+def test_overwrite_replaces_a_folder_we_made(tmp_path, capsys):
+    out = tmp_path / "synth"
+    base = ["data", "synth", "--out", out, "--size", "32", "--slices", "3"]
+    assert run_cli(base + ["--patients", "1"], capsys)[0] == 0
+    rc, _, err = run_cli(base + ["--patients", "2"], capsys)
+    assert rc == 2 and "pass --overwrite" in one_line(err)
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 1
+    assert run_cli(base + ["--patients", "2", "--overwrite"], capsys)[0] == 0
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 2
+    assert json.loads((out / MARKER).read_text())["command"] == "data synth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def _pair(data: Path, n: str, src: int = 1, ext: str = ".tif") -> Path:
+    d = data / P1
+    shutil.copy(d / f"{P1}_{src}.tif", d / f"{P1}_{n}{ext}")
+    shutil.copy(d / f"{P1}_{src}_mask.tif", d / f"{P1}_{n}_mask{ext}")
+    return d / f"{P1}_{n}{ext}"
+
+
+def test_huge_slice_number_is_one_line_fast(data, capsys):
+    before = tree_hash(data)
+    bad = _pair(data, "99999999999")
+    t0 = time.perf_counter()
+    rc, _, err = run_cli(["data", "check", "--data-dir", data], capsys)
+    assert rc == 2 and str(bad) in one_line(err) and "slice number" in err
+    # The largest allowed number: a gap of two billion slices, reported in bounded time and memory.
+    for p in data.glob(f"*/*99999999999*"):
+        p.unlink()
+    _pair(data, str(2**31 - 1))
+    rc, out, err = run_cli(["data", "check", "--data-dir", data], capsys)
+    assert rc == 0 and f"dlvae-jax: warning: TCGA_SY_0001: gap in slice numbers, missing [7, 8, 9" in err
+    assert time.perf_counter() - t0 < 20
+    for p in data.glob(f"*/*_{2**31 - 1}*"):
+        p.unlink()
+    assert tree_hash(data) == before
+
+
+@pytest.mark.parametrize("spelling", ["leading_zero", "tiff", "upper_case"])
+def test_duplicate_slices_name_both_files(spelling, data, tmp_path, capsys):
+    n, ext = {"leading_zero": ("02", ".tif"), "tiff": ("2", ".tiff"), "upper_case": ("2", ".TIF")}[spelling]
+    dup = _pair(data, n, src=3, ext=ext)
+    first = data / P1 / f"{P1}_2.tif"
+    before = tree_hash(data)
+    rc, _, err = run_cli(["data", "check", "--data-dir", data], capsys)
+    line = one_line(err)
+    assert rc == 2 and {str(dup), str(first)} <= {t.strip(":;,()") for t in line.split()}
+    rc, out, _ = run_cli(["data", "check", "--data-dir", data, "--skip-bad"], capsys)
+    assert rc == 0 and "slices: 11\n" in out  # slice 2 of 12 dropped: both of its spellings
+    rc, _, err = run_cli(["data", "build", "--data-dir", data, "--tfds-dir", tmp_path / "t"], capsys)
+    assert rc == 2 and str(dup) in err and not (tmp_path / "t").exists()
+    assert tree_hash(data) == before
+
+
+def test_one_patient_under_two_dates(data, capsys):
+    other = data / "TCGA_SY_0001_20010101"
+    other.mkdir()
+    for f in (data / P1).iterdir():
+        shutil.copy(f, other / f.name.replace("20000101", "20010101"))
+    before = tree_hash(data)
+    rc, _, err = run_cli(["data", "check", "--data-dir", data], capsys)
+    line = one_line(err)
+    assert rc == 2 and str(data / P1) in line and str(other) in line and "TCGA_SY_0001" in line
+    rc, out, _ = run_cli(["data", "check", "--data-dir", data, "--skip-bad"], capsys)
+    assert rc == 0 and "patients: 1 " in out
+    assert tree_hash(data) == before
+
+
+@pytest.mark.parametrize("content", [b"\xef\xbb\xbfPatient,x\nTCGA_SY_0001,1\nTCGA_SZ_0002,2\n", b"", b"\xff\xfe\x00"])
+def test_data_csv_bom_or_empty_is_not_fatal(content, data, capsys):
+    (data / "data.csv").write_bytes(content)
+    rc, out, err = run_cli(["data", "check", "--data-dir", data], capsys)
+    assert rc == 0 and "patients: 2 " in out
+    if content.startswith(b"\xef\xbb\xbf"):
+        assert err == ""  # read: both patients have a row
+    else:
+        assert one_line(err).startswith(f"dlvae-jax: warning: {data / 'data.csv'}: ") and "ignored" in err
+
+
+# ----------------------------------------------------------------------------- options
+
+
+BAD_OPTIONS = [
+    (["classical", "--out", "o", "--seed", "-1"], "--seed"),
+    (["classical", "--out", "o", "--seed", str(2**64 + 1)], "--seed"),
+    (["classical", "--out", "o", "--k", "300"], "--k"),
+    (["classical", "--out", "o", "--k", "1"], "--k"),
+    (["classical", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["data", "synth", "--out", "o", "--seed", "-1"], "--seed"),
+    (["data", "synth", "--out", "o", "--size", "100000"], "--size"),
+    (["data", "synth", "--out", "o", "--patients", "0"], "--patients"),
+    (["data", "split", "--data-dir", "d", "--workdir", "w", "--fractions", "nan", "nan", "nan"], "--fractions"),
+    (["data", "split", "--data-dir", "d", "--workdir", "w", "--seed", "-1"], "--seed"),
+    (["data", "build", "--data-dir", "d", "--tfds-dir", "t", "--fractions", "inf", "0", "0"], "--fractions"),
+    (["models", "--summary", "--channels", "0"], "--channels"),
+    (["models", "--summary", "--channels", "-1"], "--channels"),
+    (["models", "--summary", "--size", "100000"], "--size"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_OPTIONS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_OPTIONS])
+def test_bad_numbers_are_one_line_at_the_parser(args, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(args, capsys)
+    line = one_line(err)
+    assert rc == 2 and f"argument {flag}" in line and args[-1] in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fraction_sum_and_typo_in_subcommand_flag(data, tmp_path, capsys):
+    rc, _, err = run_cli(["data", "split", "--data-dir", data, "--workdir", tmp_path / "w",
+                          "--fractions", "0.5", "0.5", "0.5"], capsys)
+    assert rc == 2 and "summing to 1" in one_line(err)
+    rc, _, err = run_cli(["data", "check", "--data-dir", data, "--skip-bda"], capsys)
+    line = one_line(err)
+    assert rc == 2 and line.startswith("dlvae-jax data check: error:") and "did you mean --skip-bad?" in line
+    assert build_parser().parse_args(["classical", "--out", "o", "--skip-bad"]).skip_bad
+    help_text = build_parser()._subparsers._group_actions[0].choices["classical"].format_help()
+    assert "(default: 64)" in help_text and "(default: head)" in help_text
+
+
+# ----------------------------------------------------------------------------- blank slices
+
+
+def test_blank_slices_get_no_roi():
+    rng = np.random.default_rng(0)
+    flat = np.full((64, 64), 37, np.uint8)
+    near_flat = (rng.integers(0, 9, (64, 64))).astype(np.uint8)  # scanner noise only
+    speck = np.zeros((64, 64), np.uint8)
+    speck[:2, :10] = 200  # 20 bright pixels of 4096: under 1%
+    brain = np.zeros((64, 64), np.uint8)
+    brain[20:40, 20:40] = 120
+    got = blank_slices(np.stack([flat, near_flat, speck, brain, np.zeros((64, 64), np.uint8)]))
+    assert got.tolist() == [True, True, True, False, True]
+
+
+# ----------------------------------------------------------------------------- end-of-run failures
+
+
+def test_symlinked_output_is_written_through(data, tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert run_cli(["data", "synth", "--out", link, "--size", "32", "--slices", "3", "--patients", "1"],
+                   capsys)[0] == 0
+    assert link.is_symlink() and (real / MARKER).is_file() and (real / "data.csv").is_file()
+    tlink = tmp_path / "tfds_link"
+    (tmp_path / "tfds_real").mkdir()
+    tlink.symlink_to(tmp_path / "tfds_real")
+    assert run_cli(["data", "build", "--data-dir", data, "--tfds-dir", tlink], capsys)[0] == 0
+    assert (tmp_path / "tfds_real" / "lgg_mri" / "1.0.0").is_dir()
+    assert temporaries(tmp_path) == [] and temporaries(tmp_path / "tfds_real") == []
+
+
+def test_unusable_workdir_fails_before_the_build(data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    tfds_dir = tmp_path / "t"
+    rc, _, err = run_cli(["data", "build", "--data-dir", data, "--tfds-dir", tfds_dir,
+                          "--workdir", blocker / "w"], capsys)
+    assert rc == 2 and str(blocker / "w") in one_line(err) and not tfds_dir.exists()
+    rc, _, _ = run_cli(["data", "build", "--data-dir", data, "--tfds-dir", tfds_dir,
+                        "--workdir", tmp_path / "w"], capsys)
+    assert rc == 0 and (tfds_dir / "lgg_mri" / "splits.json").read_bytes() == (tmp_path / "w" / "splits.json").read_bytes()
+
+
+def test_split_does_not_replace_other_splits_unasked(data, tmp_path, capsys):
+    w = tmp_path / "w"
+    assert run_cli(["data", "split", "--data-dir", data, "--workdir", w], capsys)[0] == 0
+    first = (w / "splits.json").read_bytes()
+    assert run_cli(["data", "split", "--data-dir", data, "--workdir", w], capsys)[0] == 0  # same splits: fine
+    rc, _, err = run_cli(["data", "split", "--data-dir", data, "--workdir", w, "--seed", "5",
+                          "--fractions", "0.5", "0.5", "0"], capsys)
+    assert rc == 2 and f"{w / 'splits.json'}: already exists" in one_line(err)
+    assert (w / "splits.json").read_bytes() == first
+    assert run_cli(["data", "split", "--data-dir", data, "--workdir", w, "--seed", "5",
+                    "--fractions", "0.5", "0.5", "0", "--overwrite"], capsys)[0] == 0
+    assert json.loads((w / "splits.json").read_text())["seed"] == 5
+
+
+def test_write_error_names_the_users_path(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["data", "synth", "--out", out, "--size", "32", "--slices", "3", "--patients", "1"], capsys)
+    line = one_line(err)
+    assert rc == 1 or rc == 2
+    assert line.startswith(f"dlvae-jax: error: {out}/TCGA_SY_0001_20000101/") and "No space left" in line
+    assert ".tmp-" not in line and list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writer_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    with output_folder(out, "data synth") as tmp:
+        rc, _, err = run_cli(["data", "synth", "--out", out, "--size", "32", "--slices", "3"], capsys)
+        assert rc == 2 and f"another dlvae-jax process (pid {os.getpid()}) is writing it" in one_line(err)
+        (tmp / "result.txt").write_text("first")
+    assert (out / "result.txt").read_text() == "first"
+    with run_folder(tmp_path / "work", "train") as w:
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"):
+            with run_folder(tmp_path / "work", "train"):
+                pass
+        assert w == (tmp_path / "work").resolve()
+    assert temporaries(tmp_path) == []
+
+
+def test_run_folder_rules(tmp_path):
+    w = tmp_path / "w"
+    with run_folder(w, "train") as folder:
+        (folder / "ckpt").write_text("step 1")
+    with run_folder(w, "train") as folder:  # resume
+        assert (folder / "ckpt").read_text() == "step 1"
+    with pytest.raises(OutputError, match="made by `dlvae-jax train`"):
+        with run_folder(w, "classical"):
+            pass
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        with run_folder(w, "train", resume=False):
+            pass
+    with run_folder(w, "train", overwrite=True) as folder:
+        assert sorted(p.name for p in folder.iterdir()) == [MARKER]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep").write_text("x")
+    with pytest.raises(OutputError, match="not made by dlvae-jax"):
+        with run_folder(user, "train", overwrite=True):
+            pass
+    assert (user / "keep").read_text() == "x"
+    with pytest.raises(RuntimeError):
+        with run_folder(tmp_path / "fresh", "train"):
+            raise RuntimeError("fails before writing anything")
+    assert not (tmp_path / "fresh").exists() and temporaries(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_are_removed_and_a_cut_swap_restored(tmp_path, capsys):
+    dead = _dead_pid()
+    (tmp_path / f".out.tmp-{dead}-abc123").mkdir()
+    (tmp_path / f".out.tmp-{dead}-abc123" / "big").write_bytes(b"x" * 1000)
+    (tmp_path / f".splits.json.tmp-{dead}-zz").write_text("{")
+    (tmp_path / ".out.lock").write_text(json.dumps({"pid": dead}))
+    (tmp_path / f".prev.old-{dead}-q1").mkdir()  # cut off between the two renames of a replacement
+    (tmp_path / f".prev.old-{dead}-q1" / "summary.json").write_text("{}")
+    alive = tmp_path / f".other.tmp-{os.getpid()}-x"
+    alive.mkdir()
+    rc, _, _ = run_cli(["data", "synth", "--out", tmp_path / "out", "--size", "32", "--slices", "3",
+                        "--patients", "1"], capsys)
+    assert rc == 0
+    assert temporaries(tmp_path) == [alive.name]
+    assert (tmp_path / "prev" / "summary.json").read_text() == "{}"
+    alive.rmdir()
+    assert remove_stale_temporaries(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- signals, real processes
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _start(args, cwd, slow: str | None = None, delay: float = 0.05):
+    """Runs the CLI; `slow` ("module:function") makes that function take `delay` s more per call,
+    so that a signal reliably lands while the work it belongs to is in progress."""
+    code = "import sys\n"
+    if slow:
+        module, name = slow.split(":")
+        code += (f"import time, {module} as m\nf = m.{name}\n"
+                 f"m.{name} = lambda *a, **k: (time.sleep({delay}), f(*a, **k))[1]\n")
+    code += "from dlvae_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temporary(proc, parent: Path, timeout: float = 60) -> Path:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        found = [p for p in parent.iterdir() if ".tmp-" in p.name and p.is_dir()]
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("no temporary folder appeared")
+
+
+@pytest.mark.parametrize("sig,delay", [(signal.SIGINT, 1.0), (signal.SIGTERM, 0.3), (signal.SIGINT, 0.0)])
+def test_signal_during_classical(sig, delay, data, tmp_path):
+    before = tree_hash(data)
+    out = tmp_path / "out"
+    proc = _start(["classical", "--data-dir", data, "--out", out, "--quiet"], tmp_path)
+    _wait_for_temporary(proc, tmp_path)
+    time.sleep(delay)  # 1 s: inside the XLA compilation
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert stderr.strip() == f"dlvae-jax: interrupted ({signal.Signals(sig).name})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert tree_hash(data) == before
+
+
+@pytest.mark.parametrize("command", ["data synth", "data build", "data check"])
+def test_sigterm_and_sigint_during_data_commands(command, data, tmp_path):
+    before = tree_hash(data)
+    if command == "data synth":
+        args = ["data", "synth", "--out", tmp_path / "s", "--patients", "40", "--size", "128"]
+        sig = signal.SIGTERM
+    elif command == "data build":
+        args = ["data", "build", "--data-dir", data, "--tfds-dir", tmp_path / "t"]
+        sig = signal.SIGTERM
+    else:
+        args = ["data", "check", "--data-dir", data]
+        sig = signal.SIGINT
+    slow = {"data synth": None, "data build": "dlvae_jax.data.lgg:load_slice",
+            "data check": "dlvae_jax.data.lgg:_validate_pair"}[command]
+    proc = _start(args, tmp_path, slow, delay=1.0 if command == "data check" else 0.05)
+    if command == "data synth":
+        _wait_for_temporary(proc, tmp_path)
+    elif command == "data build":
+        while not (tmp_path / "t").exists():
+            time.sleep(0.01)
+        _wait_for_temporary(proc, tmp_path / "t")
+        time.sleep(0.3)  # TFDS is writing examples
+    else:
+        time.sleep(2.0)  # importing (about 1 s), then checking slices in worker threads (1 s each)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert stderr.strip() == f"dlvae-jax: interrupted ({signal.Signals(sig).name})"
+    left = [p for p in tmp_path.rglob("*") if p.name.startswith(".") and p.name != MARKER]
+    assert left == [] and tree_hash(data) == before
+    assert not (tmp_path / "t" / "lgg_mri").exists() and not (tmp_path / "s").exists()
+
+
+def test_sigkill_debris_is_removed_by_the_next_run(data, tmp_path, capsys):
+    out = tmp_path / "s"
+    proc = _start(["data", "synth", "--out", out, "--patients", "40", "--size", "128"], tmp_path)
+    tmp = _wait_for_temporary(proc, tmp_path)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert tmp.exists()  # what SIGKILL leaves behind
+    rc, _, _ = run_cli(["data", "synth", "--out", out, "--patients", "1", "--size", "32", "--slices", "3"], capsys)
+    assert rc == 0 and temporaries(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "s"]
+
+
+# ----------------------------------------------------------------------------- mount points
+
+
+def _unshare_ok() -> str | None:
+    if not shutil.which("unshare"):
+        return "unshare is not installed"
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs none $d"],
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()}"
+
+
+def test_mount_points(data, tmp_path):
+    why = _unshare_ok()
+    if why:
+        print(f"skipped: {why}")
+        pytest.skip(why)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    py = f"{sys.executable} -m dlvae_jax.cli"
+    script = (f"mount -t tmpfs none {mnt} && "
+              f"{py} data synth --out {mnt} --patients 1 --size 32 --slices 3; echo synth=$?; "
+              f"{py} data build --data-dir {data} --tfds-dir {mnt} >/dev/null; echo build=$?; "
+              f"ls -A {mnt}")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env(),
+                       cwd=tmp_path, timeout=120)
+    assert "synth=2" in r.stdout and f"{mnt}: is a mount point" in r.stderr  # refused before any work
+    assert "build=0" in r.stdout and r.stdout.strip().splitlines()[-1] == "lgg_mri"
