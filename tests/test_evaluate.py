@@ -25,6 +25,7 @@ from dlvae_jax import cli
 from dlvae_jax.data import lgg
 from dlvae_jax.data.splits import write_splits
 from dlvae_jax.io import write_json
+from dlvae_jax.outdir import write_marker
 from dlvae_jax.train import evaluate as evaluate_mod
 from dlvae_jax.train import predict as predict_mod
 
@@ -88,7 +89,7 @@ def data_dir(tmp_path_factory) -> Path:
 def workdir(tmp_path, data_dir) -> Path:
     w = tmp_path / "run"
     w.mkdir()
-    (w / ".dlvae-jax").write_text("{}\n")
+    write_marker(w, "train")
     index = lgg.scan(data_dir)
     p = index.patients
     write_splits(w, index, {"train": [p[0]], "validation": [p[2]], "test": [p[1], p[3]]}, seed=0)
@@ -212,7 +213,7 @@ def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fak
     use_fake("truth")
     other = tmp_path / "other"
     other.mkdir()
-    (other / ".dlvae-jax").write_text("{}\n")
+    write_marker(other, "train")
     write_json(other / "config.json", {})
     write_json(other / "splits.json", {"splits": {"train": ["TCGA_ZZ_0001"], "validation": [],
                                                   "test": ["TCGA_ZZ_0002"]}})
@@ -225,7 +226,8 @@ def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fak
 
     bad = [
         (["--workdir", str(tmp_path / "missing")], "no such training folder"),
-        (["--workdir", str(data_dir)], "not a dlvae-jax training folder"),
+        (["--workdir", str(data_dir)], "made by `dlvae-jax data synth`"),
+        (["--workdir", str(tmp_path)], "no .dlvae-jax marker"),
         (["--workdir", str(workdir), "--data-dir", str(tmp_path / "nodata")], "no such folder"),
         (["--workdir", str(workdir), "--batch-size", "0"], "--batch-size"),
     ]
@@ -291,11 +293,26 @@ def test_predict_bad_inputs(monkeypatch, tmp_path, workdir, data_dir, use_fake, 
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and str(bad) in err and words in err, err
         assert not out.exists()
-    # An output folder holding an input is refused before anything is written.
-    rc = run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(data_dir), "--overwrite",
-                               "--quiet", str(patient)])
-    assert rc == 2 and "choose another --out" in capsys.readouterr().err
-    assert patient.is_dir()
+    # Output folders that hold an input or the workdir, or sit in an input folder, are refused
+    # before anything is written, --overwrite or not.
+    for target in (data_dir, patient / "pred", workdir, workdir.parent):
+        rc = run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(target), "--overwrite",
+                                   "--quiet", str(patient)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and str(target) in err and "choose" in err, err
+    assert patient.is_dir() and (workdir / "splits.json").is_file() and not (patient / "pred").exists()
+    # A folder of the user's is never replaced; an earlier prediction is, with --overwrite only.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    argv = ["predict", "--workdir", str(workdir), "--quiet", str(patient)]
+    assert run_cli(monkeypatch, [*argv, "--out", str(mine), "--overwrite"]) == 2
+    assert (mine / "notes.txt").read_text() == "keep"
+    capsys.readouterr()
+    assert run_cli(monkeypatch, [*argv, "--out", str(out)]) == 0
+    assert run_cli(monkeypatch, [*argv, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli(monkeypatch, [*argv, "--out", str(out), "--overwrite"]) == 0
 
 
 def test_predict_three_channel_run_refuses_gray_slice(monkeypatch, tmp_path, workdir, use_fake, capsys):

@@ -20,8 +20,8 @@ atomically:
   its split, so one place always holds the most recent figures;
 * ``W/per_patient_<split>.csv``: one row per patient;
 * ``W/eval_<split>/``: ``dice_per_patient.png`` and ``overlays/*.png``
-  (FLAIR with the truth outline in green, the prediction's in red, overlap
-  yellow), replaced as a whole on each run.
+  (FLAIR with the truth outline in green, the prediction's in red, titled
+  with the slice's Dice), replaced as a whole on each run.
 
 `split` is a name from ``W/splits.json`` (``val`` is accepted for
 ``validation``) or ``all``: every patient of the data folder, which may be a
@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from dlvae_jax import metrics
+from dlvae_jax import report as figures
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.io import atomic_path, write_json, write_text
 
 THRESHOLD = 0.5
-MARKER = ".dlvae-jax"
 SPLIT_CHOICES = ("train", "val", "validation", "test", "all")
 _SPLIT_ALIASES = {"val": "validation"}
 
@@ -92,11 +92,16 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tu
 
 
 def _check_workdir(workdir: Path) -> None:
+    from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
+
     if not workdir.is_dir():
         raise DlvaeError(f"{workdir}: no such training folder")
-    for name in (MARKER, "config.json"):
-        if not (workdir / name).exists():
-            raise DlvaeError(f"{workdir}: not a dlvae-jax training folder (no {name})")
+    marker = read_marker(workdir)
+    if marker is None or marker["command"] not in WORKDIR_COMMANDS:
+        made_by = f"no {MARKER} marker" if marker is None else f"made by `dlvae-jax {marker['command']}`"
+        raise DlvaeError(f"{workdir}: not a dlvae-jax training folder ({made_by})")
+    if not (workdir / "config.json").is_file():
+        raise DlvaeError(f"{workdir}: not a trained run (no config.json); train first")
 
 
 def _config_value(config: Any, section: str, name: str) -> Any:
@@ -197,27 +202,6 @@ def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
     # metadata without "Software" keeps the bytes free of the matplotlib version.
     matplotlib.image.imsave(buf, image, format="png", metadata={"Software": None}, **imsave_kwargs)
     Path(path).write_bytes(buf.getvalue())
-
-
-def save_dice_plot(path: Path, rows: list[dict], title: str) -> None:
-    """Bar chart of the per-volume Dice of each patient, with the mean and median."""
-    from matplotlib.figure import Figure
-
-    names = [r["patient"] for r in rows]
-    values = [r["dice"] for r in rows]
-    fig = Figure(figsize=(max(4.0, 0.3 * len(names) + 1.5), 3.4))
-    ax = fig.add_subplot()
-    ax.bar(range(len(names)), values, color="tab:blue")
-    ax.axhline(float(np.mean(values)), color="tab:red", lw=1, label=f"mean {np.mean(values):.3f}")
-    ax.axhline(float(np.median(values)), color="tab:orange", lw=1, ls="--", label=f"median {np.median(values):.3f}")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("Dice per volume")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
 
 
 # ----------------------------------------------------------------------------- report
@@ -357,11 +341,12 @@ def evaluate(
 
     with atomic_path(workdir / f"eval_{split}", replace_dir=True) as tmp:
         (tmp / "overlays").mkdir(parents=True)
-        save_dice_plot(tmp / "dice_per_patient.png", report["per_patient"],
-                       f"{split}: Dice per patient volume (checkpoint step {report['checkpoint_step']})")
+        figures.save_dice_plot(tmp / "dice_per_patient.png",
+                               {r["patient"]: r["dice"] for r in report["per_patient"]},
+                               title=f"{split}: Dice per patient volume (step {report['checkpoint_step']})")
         for record, f, t, m, d in kept:
-            save_png(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}_dice{d:.2f}.png",
-                     overlay_rgb(f, m, t))
+            figures.save_overlay(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}.png", f, t, m,
+                                 title=f"{record.patient} slice {record.slice_number}: Dice {d:.2f}")
     write_text(workdir / f"per_patient_{split}.csv", per_patient_csv(report["per_patient"]))
     write_json(workdir / f"metrics_{split}.json", report)
     write_json(workdir / "metrics.json", report)

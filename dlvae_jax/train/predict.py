@@ -28,13 +28,15 @@ DL-VAE-CNN), also:
 
 ``DIR/predictions.jsonl`` has one line per slice: input path, output stem,
 tumor_prob, tumor, mask_pixels, height, width (and mean_mask_pixels,
-entropy_mean_bits with samples). DIR is built beside its final place and
-renamed into it at the end. Sampling is deterministic in (inputs, --seed).
+entropy_mean_bits with samples). DIR follows `dlvae_jax.outdir.output_folder`:
+built beside its final place and renamed into it at the end; an existing
+DIR must be empty, or (with --overwrite) an earlier output of dlvae-jax; it
+may not be, hold or sit in an input, nor be or hold the workdir. Sampling
+is deterministic in (inputs, --seed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -46,8 +48,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dlvae_jax.errors import DlvaeError
-from dlvae_jax.io import atomic_path
-from dlvae_jax.train.evaluate import MARKER, decide, model_channels, overlay_rgb, save_png
+from dlvae_jax.outdir import output_folder
+from dlvae_jax.train.evaluate import decide, model_channels, overlay_rgb, save_png
 
 BATCH_SIZE = 16
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
@@ -147,28 +149,12 @@ def _tiff_bytes(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@contextlib.contextmanager
-def _output_folder(out: Path, overwrite: bool, inputs: Sequence[Path], workdir: Path) -> Iterator[Path]:
-    """A temporary folder renamed onto `out` on success.
-
-    Refuses an `out` that holds an input or the workdir (replacing it would
-    delete them), a training folder, or a non-empty folder without
-    `overwrite`.
-    """
-    res = out.resolve()
-    for p in (*inputs, workdir):
-        q = Path(p).resolve()
-        if q == res or res in q.parents:
-            raise DlvaeError(f"{out}: holds {p}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise DlvaeError(f"{out}: exists and is not a folder")
-    if out.is_dir() and (out / MARKER).exists():
-        raise DlvaeError(f"{out}: is a training folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DlvaeError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
-    with atomic_path(out, replace_dir=True) as tmp:
-        tmp.mkdir()
-        yield tmp
+def _check_out(out: Path, workdir: Path) -> None:
+    # output_folder may replace a folder dlvae-jax made, and the workdir is
+    # one: an --out equal to it or holding it would take the run with it.
+    res, wd = out.resolve(), workdir.resolve()
+    if res == wd or res in wd.parents:
+        raise DlvaeError(f"{out}: holds the training folder {workdir}; choose another --out")
 
 
 def _batches(paths: list[Path], size: int, channels: str) -> Iterator[tuple[list[Path], np.ndarray, np.ndarray]]:
@@ -209,7 +195,8 @@ def predict(
     paths = collect_inputs(inputs)
     predictor = load_predictor(workdir, checkpoint)
     rows: list[dict] = []
-    with _output_folder(out, overwrite, paths, workdir) as tmp:
+    _check_out(out, workdir)
+    with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
         bar = tqdm(total=len(paths), desc="predict", unit="slice", disable=not progress, file=sys.stderr)
         done = 0
         for group, images, flair in _batches(paths, BATCH_SIZE, model_channels(predictor.config)):
