@@ -276,6 +276,13 @@ def total_loss(
             config.free_bits,
             valid_B,
         )
+        if "free_latent_means" in outputs:  # dlvae_cnn's label-free posterior (Y = unknown), also Eq. 6
+            logs["kl"] = logs["kl"] + kl(
+                [outputs["free_latent_means"][n] for n in names],
+                [outputs["free_latent_logvars"][n] for n in names],
+                config.free_bits,
+                valid_B,
+            )
         logs["kl_beta"] = kl_beta(step, config.kl_warmup_steps)
     if "recon_b1_logits_BxHxWxC" in outputs:
         k = outputs["recon_b2_logits_BxHxWxK"].shape[-1]

@@ -43,5 +43,5 @@ def base() -> ml_collections.ConfigDict:
         batch_size=16, steps=1000, seed=0,
         log_every=10, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
     )
-    c.eval = dict(batch_size=32, mask_threshold=0.5, class_threshold=0.5, overlays=6)
+    c.eval = dict(batch_size=32, overlays=6)
     return c

@@ -110,6 +110,10 @@ class DLVAECNN(nn.Module):
     inference_label: str = "predicted"
     cnn_condition: str = "unknown"
     norm: str = "batch"
+    # The VAE is run twice per training step (label-conditioned and label-free),
+    # so batch statistics would mix two input distributions and drift from the
+    # label-free ones inference sees; group norm has no train/eval difference.
+    vae_norm: str = "group"
     norm_axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
@@ -122,7 +126,7 @@ class DLVAECNN(nn.Module):
             shared_dim=self.shared_dim,
             features=self.vae_features,
             levels=self.vae_levels,
-            norm=self.norm, norm_axis_name=self.norm_axis_name,
+            norm=self.vae_norm, norm_axis_name=self.norm_axis_name,
             dtype=self.dtype,
         )
         self.cnn = ConditionalUNet(
@@ -182,7 +186,13 @@ class DLVAECNN(nn.Module):
             enc, _ = self._encode(image, b2, y_Bx3, train)
         else:  # marginal
             enc, y_Bx3 = self._marginal_encoding(image, b2, logits, train)
-        return self._outputs(image, enc, y_Bx3, free["z"], z_BxD, logits, mask_logits, train)
+        outputs = self._outputs(image, enc, y_Bx3, free["z"], z_BxD, logits, mask_logits, train)
+        if enc is not free:
+            # The label-free posterior feeds the CNN: its KL keeps it a proper
+            # posterior (otherwise its variance is unconstrained).
+            outputs["free_latent_means"] = free["means"]
+            outputs["free_latent_logvars"] = free["logvars"]
+        return outputs
 
     def _marginal_encoding(self, image, b2, logits_Bx2, train):
         b = image.shape[0]

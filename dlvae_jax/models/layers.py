@@ -88,7 +88,12 @@ class FiLM(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array, z_BxD: jax.Array) -> jax.Array:
         c = x_BxHxWxC.shape[-1]
-        gamma_beta = nn.Dense(2 * c, dtype=self.dtype, param_dtype=jnp.float32, name="proj")(z_BxD)
+        # A small initial projection: with the default init a unit-variance z
+        # (sampled afresh every training step) scales each channel by 1 + N(0, ~1),
+        # noise that drowns the segmentation signal early in training.
+        init = nn.initializers.variance_scaling(0.01, "fan_in", "normal")
+        gamma_beta = nn.Dense(2 * c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+                              name="proj")(z_BxD)
         gamma_BxC, beta_BxC = jnp.split(gamma_beta, 2, axis=-1)
         return x_BxHxWxC * (1.0 + gamma_BxC[:, None, None, :]) + beta_BxC[:, None, None, :]
 

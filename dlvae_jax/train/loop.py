@@ -133,29 +133,25 @@ def _scalars(tree) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def evaluate_split(runner, variables, data: ex.SplitData, cfg, shard: Shard) -> tuple[dict, dict]:
-    """Runs the eval step over a split; returns (metrics report, arrays of this process's slices)."""
+def evaluate_split(eval_fn, variables, data: ex.SplitData, cfg) -> dict:
+    """Runs the jitted eval step over a split held in memory; returns the metrics
+    report (`dlvae_jax.metrics`), with the decision rule of `dlvae-jax evaluate`.
+
+    Every process evaluates the whole split on its own first device, so all
+    processes reach the same figures (and agree on which checkpoint is best)."""
+    from dlvae_jax.train.evaluate import decide
+
     loader = ArrayLoader(data.images, data.masks)
-    bs = int(cfg.eval.batch_size)
-    bs = max(bs - bs % (jax.device_count()), jax.device_count())
-    probs, tumor, index = [], [], []
-    for host in host_iterator(eval_dataset(loader, global_batch_size=bs, shard=shard), num_threads=1):
-        out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
+    acc = metrics.SegmentationAccumulator()
+    ds = eval_dataset(loader, global_batch_size=int(cfg.eval.batch_size), shard=Shard(0, 1))
+    for host in host_iterator(ds, num_threads=1):
+        out = jax.device_get(eval_fn(variables, host))
         keep = host["valid_B"]
-        probs.append(out["prob_BxHxW"][keep])
-        tumor.append(out["tumor_prob_B"][keep])
-        index.append(host["index_B"][keep])
-    order = np.argsort(np.concatenate(index))
-    prob = np.concatenate(probs)[order]
-    tumor_prob = np.concatenate(tumor)[order]
-    idx = np.concatenate(index)[order]
-    pred_label = tumor_prob >= float(cfg.eval.class_threshold)
-    # The class head decides whether a slice has tumor; a "no tumor" slice gets an empty mask.
-    pred_mask = (prob >= float(cfg.eval.mask_threshold)) & pred_label[:, None, None]
-    truth = data.masks[idx] > 0
-    report = metrics.segmentation_report(pred_mask, truth, [data.patients[i] for i in idx],
-                                         pred_labels_N=pred_label)
-    return report, {"prob": prob, "tumor_prob": tumor_prob, "index": idx, "pred_mask": pred_mask}
+        idx = host["index_B"][keep]
+        masks, labels = decide({k: v[keep] for k, v in out.items()}, len(idx), data.masks.shape[1:])
+        truth = data.masks[idx] > 0
+        acc.add(masks, truth, [data.patients[i] for i in idx], labels, truth.any(axis=(1, 2)))
+    return acc.report()
 
 
 def _summary_metrics(report: dict) -> dict:
@@ -206,10 +202,10 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     eval_fn = functools.partial(eval_outputs, model=model, prep=prep,
                                 eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)))
     runner = make_runner(parallel, step_fn, eval_fn)
+    local_eval = jax.jit(eval_fn)
 
     c = train_data.images.shape[-1] if train_data.images.ndim == 4 else 1
     init = example_inputs(2, int(cfg.data.image_size), c)
-    init["clusters_BxHxW"] = init["clusters_BxHxW"]
     state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
     ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints))
     restored = ckpt.restore_latest(abstract(state))
@@ -278,7 +274,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                     pending = None
                     eval_metrics = None
                     if do_eval:
-                        report, _ = evaluate_split(runner, runner.get_state(state).variables(), val_data, cfg, shard)
+                        variables = jax.device_get(runner.get_state(state).variables())
+                        report = evaluate_split(local_eval, variables, val_data, cfg)
                         eval_metrics = _summary_metrics(report)
                         logger.write("eval", step_no, eval_metrics)
                         last["eval"] = eval_metrics

@@ -142,8 +142,17 @@ class PmapRunner(Runner):
     def _build_eval(self, eval_fn):
         return jax.pmap(eval_fn, axis_name=AXIS)
 
+    def _stacked(self, x: np.ndarray):
+        """[devices, ...] host array -> one slice per local device (pmap's input layout)."""
+        return jax.device_put(x, NamedSharding(Mesh(np.asarray(self.devices), ("local",)), P("local")))
+
+    def _replicate(self, tree):
+        n = len(self.devices)
+        return jax.tree_util.tree_map(lambda x: self._stacked(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x))),
+                                      jax.device_get(tree))
+
     def put_state(self, state):
-        return jax.device_put_replicated(state, self.devices)
+        return self._replicate(state)
 
     def get_state(self, state):
         return jax.tree_util.tree_map(lambda x: x[0], state)
@@ -153,15 +162,14 @@ class PmapRunner(Runner):
         rows = len(next(iter(batch.values())))
         if rows % n:
             raise DlvaeError(f"the per-process batch of {rows} does not split over {n} local devices")
-        return {k: jax.device_put_sharded(list(v.reshape((n, rows // n) + v.shape[1:])), self.devices)
-                for k, v in batch.items()}
+        return {k: self._stacked(v.reshape((n, rows // n) + v.shape[1:])) for k, v in batch.items()}
 
     def step(self, state, batch):
         state, metrics = self._step(state, batch)
         return state, jax.tree_util.tree_map(lambda x: x[0], metrics)
 
     def eval(self, variables, batch):
-        return self._eval(jax.device_put_replicated(variables, self.devices), batch)
+        return self._eval(self._replicate(variables), batch)
 
     def local_rows(self, outputs):
         return {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in outputs.items()}

@@ -1,0 +1,333 @@
+"""Training: configs, the runners against the single-device step on 8
+simulated devices, two real processes against one, resume after SIGKILL,
+a corrupted checkpoint, a non-finite loss, and evaluate/predict on a trained
+run. Tiny shapes (32x32 synthetic phantoms, 4-feature models) keep it short."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlvae_jax import configs
+from dlvae_jax.errors import DlvaeError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = str(REPO_ROOT / "tests" / "configs" / "tiny.py")
+# Compiling, not running, dominates these tiny programs on CPU.
+FAST_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "dlvae_jax.cli", *args], cwd=REPO_ROOT, env=env or FAST_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train_losses(workdir: Path) -> dict[int, dict]:
+    """step -> the last logged train row of that step (a resumed run re-logs its steps)."""
+    rows = {}
+    for line in (workdir / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            rows[r["step"]] = r
+    return rows
+
+
+# ------------------------------------------------------------------ configs
+
+
+def test_every_named_config_loads_and_builds_its_model():
+    from dlvae_jax.train import experiment as ex
+
+    for name in configs.NAMES:
+        cfg = configs.load(name)
+        ex.check_config(cfg)
+        assert cfg.model.name in ("dlvae_cnn", "unet", "cnn", "vgg16", "dcnn")
+    assert configs.load("cpu").data.image_size == 128 and configs.load("unet").data.image_size == 128
+    assert configs.load("default").model.dtype == "bfloat16"
+
+
+def test_overrides_are_type_checked_and_unknown_fields_named():
+    cfg = configs.load("demo", ["train.steps=7", "optimizer.learning_rate=1", "model.name=unet",
+                                "data.fractions=(0.6, 0.2, 0.2)"])
+    assert cfg.train.steps == 7 and isinstance(cfg.optimizer.learning_rate, float)
+    assert cfg.model.name == "unet" and tuple(cfg.data.fractions) == (0.6, 0.2, 0.2)
+    with pytest.raises(DlvaeError, match=r"train has no field 'step'; did you mean steps"):
+        configs.load("demo", ["train.step=7"])
+    with pytest.raises(DlvaeError, match=r"train.steps: expected a int, got 'many'"):
+        configs.load("demo", ["train.steps=many"])
+    with pytest.raises(DlvaeError, match="expected KEY=VALUE"):
+        configs.load("demo", ["train.steps"])
+    with pytest.raises(DlvaeError, match="unknown config"):
+        configs.load("nope")
+
+
+def test_cli_rejects_a_bad_override_in_one_line(tmp_path):
+    res = _cli("train", "--config", "demo", "--workdir", str(tmp_path / "w"), "--set", "optimizer.lr=1")
+    assert res.returncode == 2, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "optimizer has no field 'lr'" in lines[0], res.stderr
+    assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------ runners
+
+
+RUNNER_CHECK = r"""
+import functools, sys
+import jax, jax.numpy as jnp, numpy as np
+from dlvae_jax.data.augment import AugmentConfig
+from dlvae_jax.losses import LossConfig
+from dlvae_jax.models import example_inputs, get_model
+from dlvae_jax.train.optim import make_optimizer
+from dlvae_jax.train.runners import make_runner
+from dlvae_jax.train.state import create_state
+from dlvae_jax.train.step import PrepConfig, eval_outputs, train_step
+import ml_collections
+
+assert jax.device_count() == 8
+rng = np.random.default_rng(0)
+B, S = 16, 32
+yy, xx = np.mgrid[:S, :S]
+masks = np.stack([((yy - 10 - i % 7) ** 2 + (xx - 14) ** 2 < 20 + i) for i in range(B)]).astype(np.uint8)
+masks[::3] = 0
+images = (rng.integers(20, 120, (B, S, S, 1)) + 100 * masks[..., None]).astype(np.uint8)
+batch = {"image_BxHxWxC": images, "mask_BxHxW": masks, "label_B": masks.reshape(B, -1).any(1).astype(np.int32),
+         "valid_B": np.ones(B, bool), "index_B": np.arange(B, dtype=np.int32)}
+opt = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, end_lr_factor=1.0, weight_decay=1e-4,
+                                     b1=0.9, b2=0.999, clip_norm=1.0, accumulate_steps=1))
+tx, _ = make_optimizer(opt, 10)
+prep = PrepConfig(image_size=S, n_init=1)
+name = sys.argv[1]
+kw = dict(features=4, levels=2, dtype="float32")
+if name == "dlvae_cnn":
+    kw.update(vae_features=4, vae_levels=2, specific_dim=4, shared_dim=4)
+model = get_model(name, **kw)
+state0 = jax.device_get(create_state(model, tx, jax.random.key(1), example_inputs(2, S, 1)))  # host copy: steps donate
+
+def step_fn(model):
+    return functools.partial(train_step, model=model, tx=tx, loss_cfg=LossConfig(), prep=prep,
+                             augment=AugmentConfig())
+
+ev = functools.partial(eval_outputs, model=model, prep=prep, eval_key=jax.random.key_data(jax.random.key(0)))
+one = jax.device_put(state0, jax.devices()[0])
+ref_state, ref_metrics = jax.jit(step_fn(model))(one, jax.device_put(batch, jax.devices()[0]))
+ref_state = jax.device_get(ref_state)
+ref_eval = jax.device_get(jax.jit(ev)(ref_state.variables(), batch))
+runners = sys.argv[2].split(",")
+for runner_name in runners:
+    m = model if runner_name == "jit" else model.clone(norm_axis_name="data")
+    r = make_runner(runner_name, step_fn(m), ev)
+    st, metrics = r.step(r.put_state(state0), r.put_batch(batch))
+    st = jax.device_get(r.get_state(st))
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))),
+                                   (st.params, st.batch_stats), (ref_state.params, ref_state.batch_stats))
+    worst = max(jax.tree_util.tree_leaves(diffs))
+    nbs = len(jax.tree_util.tree_leaves(st.batch_stats))
+    loss_diff = abs(float(metrics["total"]) - float(ref_metrics["total"]))
+    out = r.local_rows(r.eval(st.variables(), r.put_batch(batch)))
+    eval_diff = float(np.max(np.abs(out["prob_BxHxW"] - ref_eval["prob_BxHxW"])))
+    print(f"RESULT {runner_name} {worst:.3e} {loss_diff:.3e} {eval_diff:.3e} {nbs}")
+"""
+
+
+@pytest.mark.parametrize("model,runners", [("unet", "jit,shard_map,pmap"), ("dlvae_cnn", "jit")])
+def test_each_runner_equals_the_single_device_step_on_8_devices(model, runners):
+    """One step on a global batch of 16 over 8 simulated devices: parameters and
+    batch-norm statistics within 1e-5 of the single-device step, for every
+    runner. dlvae_cnn's VAE draws one noise array per device under
+    shard_map/pmap (see dlvae_jax.train.runners), so it is compared under jit."""
+    env = dict(FAST_ENV, XLA_FLAGS=FAST_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
+    res = subprocess.run([sys.executable, "-c", RUNNER_CHECK, model, runners], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = [l.split() for l in res.stdout.splitlines() if l.startswith("RESULT")]
+    assert [r[1] for r in results] == runners.split(",")
+    for _, name, worst, loss_diff, eval_diff, nbs in results:
+        assert int(nbs) > 0, "the model has batch norm: its statistics are compared too"
+        assert float(worst) <= 1e-5, (name, worst)
+        assert float(loss_diff) <= 1e-5, (name, loss_diff)
+        assert float(eval_diff) <= 1e-5, (name, eval_diff)
+
+
+# -------------------------------------------------------- resume and failures
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted tiny run (6 steps, checkpoints at 2, 4, 6)."""
+    w = tmp_path_factory.mktemp("run") / "full"
+    res = _cli("train", "--config", TINY, "--workdir", str(w))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return w
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_with_the_same_losses(trained, tmp_path):
+    w = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dlvae_jax.cli", "train", "--config", TINY, "--workdir", str(w)],
+                            cwd=REPO_ROOT, env=FAST_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Orbax renames a finished save into place: step 4's folder means its save is complete.
+    _wait_for(w / "checkpoints" / "latest" / "4", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    res = _cli("train", "--config", TINY, "--workdir", str(w))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from step" in res.stderr
+    full, resumed = _train_losses(trained), _train_losses(w)
+    assert sorted(full) == sorted(resumed) == list(range(1, 7))
+    for step in full:
+        for term in ("total", "segmentation", "kl", "reconstruction", "classification"):
+            assert abs(full[step][term] - resumed[step][term]) <= 1e-6, (step, term)
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_with_a_warning(trained, tmp_path):
+    import shutil
+
+    w = tmp_path / "copy"
+    shutil.copytree(trained, w)
+    newest = w / "checkpoints" / "latest" / "6"
+    for f in (newest / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage")
+    res = _cli("train", "--config", TINY, "--workdir", str(w), "--set", "train.steps=6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"checkpoint {newest} is unreadable" in res.stderr, res.stderr[-2000:]
+    assert "resuming from step 4" in res.stderr
+    # The resumed steps 5 and 6 repeat the uninterrupted run's.
+    full, again = _train_losses(trained), _train_losses(w)
+    for step in (5, 6):
+        assert abs(full[step]["total"] - again[step]["total"]) <= 1e-6
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_terms(tmp_path):
+    w = tmp_path / "nan"
+    res = _cli("train", "--config", TINY, "--workdir", str(w), "--set", "optimizer.learning_rate=1e30",
+               "--set", "optimizer.warmup_steps=0", "--set", "train.checkpoint_every=1")
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = [l for l in res.stderr.splitlines() if "loss is" in l]
+    assert line and "at step" in line[0] and "segmentation=" in line[0] and "kl=" in line[0], res.stderr[-2000:]
+    bad_step = int(line[0].split("at step ")[1].split()[0])
+    kept = sorted(int(p.name) for p in (w / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+    assert kept and max(kept) == bad_step - 1
+    from dlvae_jax.train.inference import load_predictor
+
+    pred = load_predictor(w, "latest")
+    assert pred.step == bad_step - 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree_util.tree_leaves(pred.variables))
+
+
+def test_another_configs_workdir_is_refused_without_overwrite(trained):
+    res = _cli("train", "--config", TINY, "--workdir", str(trained), "--set", "model.features=8")
+    assert res.returncode == 2 and "holds a run of another config" in res.stderr and "model.features" in res.stderr
+
+
+# ------------------------------------------------------------- evaluate/predict
+
+
+def test_evaluate_and_predict_a_trained_run(trained, tmp_path):
+    res = _cli("evaluate", "--workdir", str(trained), "--split", "test", "--checkpoint", "latest")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((trained / "metrics.json").read_text())
+    splits = json.loads((trained / "splits.json").read_text())["splits"]
+    assert m["split"] == "test" and m["checkpoint_step"] == 6
+    assert m["n_patients"] == len(splits["test"])
+    for key in ("slice_accuracy", "slice_f1", "pixel_f1", "dice_volume_mean", "dice_volume_median", "iou_mean"):
+        assert 0.0 <= m[key] <= 1.0, key
+    patient = next(p for p in (trained / "data").iterdir() if p.name in splits["test"])
+    out = tmp_path / "pred"
+    res = _cli("predict", "--workdir", str(trained), "--out", str(out), "--samples", "3", str(patient))
+    assert res.returncode == 0, res.stderr[-3000:]
+    n = len(list(patient.glob("*_mask.tif")))
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == n
+
+
+# ---------------------------------------------------------------- multi-host
+
+
+DIST_WORKER = r"""
+import functools, sys
+import jax
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if nproc > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+import numpy as np
+from dlvae_jax import configs
+from dlvae_jax.data.pipeline import ArrayLoader, Shard, host_iterator, train_dataset
+from dlvae_jax.models import example_inputs
+from dlvae_jax.train import experiment as ex
+from dlvae_jax.train.runners import make_runner
+from dlvae_jax.train.state import create_state
+from dlvae_jax.train.step import eval_outputs, train_step
+
+assert jax.device_count() == 8, jax.device_count()
+cfg = configs.load(sys.argv[5], ["model.name='unet'", "train.batch_size=16"])
+cfg.model = dict(name="unet", features=4, levels=2, dtype="float32")
+rng = np.random.default_rng(0)
+n, s = 48, 32
+masks = (rng.uniform(size=(n, s, s)) > 0.9).astype(np.uint8)
+images = (rng.integers(0, 200, (n, s, s)) + 50 * masks).astype(np.uint8)
+model = ex.model_from_config(cfg)
+tx, sched = ex.optimizer_from_config(cfg)
+step = functools.partial(train_step, model=model, tx=tx, loss_cfg=ex.loss_from_config(cfg), prep=ex.prep_from_config(cfg),
+                         augment=ex.augment_from_config(cfg))
+ev = functools.partial(eval_outputs, model=model, prep=ex.prep_from_config(cfg), eval_key=jax.random.key_data(jax.random.key(0)))
+runner = make_runner("jit", step, ev)
+state = runner.put_state(create_state(model, tx, jax.random.key(0), example_inputs(2, s, 1)))
+it = iter(host_iterator(train_dataset(ArrayLoader(images, masks), global_batch_size=16, seed=3, shard=Shard.from_jax()),
+                        num_threads=1))
+for _ in range(3):
+    state, metrics = runner.step(state, runner.put_batch(next(it)))
+params = jax.tree_util.tree_map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
+                                state.params) if nproc > 1 else jax.device_get(state.params)
+if pid == 0:
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(out, **flat)
+print("DONE", pid, float(metrics["total"]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+    import jax.experimental.multihost_utils  # noqa: F401  (the worker uses it)
+
+    port = str(_free_port())
+    env4 = dict(FAST_ENV, XLA_FLAGS=FAST_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    env8 = dict(FAST_ENV, XLA_FLAGS=FAST_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
+    worker = [sys.executable, "-c", DIST_WORKER]
+    procs = [subprocess.Popen(worker + [str(i), "2", port, str(tmp_path / "two.npz"), TINY], cwd=REPO_ROOT, env=env4,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    one = subprocess.run(worker + ["0", "1", "0", str(tmp_path / "one.npz"), TINY], cwd=REPO_ROOT, env=env8,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(a.files) == sorted(b.files) and len(a.files) > 4
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
+    moved = max(float(np.max(np.abs(b[k]))) for k in b.files)
+    assert worst <= 1e-5 and moved > 0, worst
