@@ -43,20 +43,6 @@ def _batches(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def _evenly(ids: list[int], m: int) -> list[int]:
-    if m <= 0 or not ids:
-        return []
-    return [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(m, len(ids))).round().astype(int))]
-
-
-def _overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
-    """Up to n slice indices, half with tumor, spread evenly through the dataset."""
-    tumor = [i for i, t in enumerate(has_tumor) if t]
-    other = [i for i, t in enumerate(has_tumor) if not t]
-    chosen = _evenly(tumor, (n + 1) // 2)
-    return set(chosen + _evenly(other, n - len(chosen)))
-
-
 @functools.lru_cache(maxsize=4)  # one compiled function per setting, reused by later runs in the process
 def _classical_fn(k: int, n_init: int, min_size: int, margin: int, equalize: str):
     import jax
@@ -136,7 +122,7 @@ def run_classical(
         key = jax.random.key(seed)
 
         (tmp / "overlays").mkdir()
-        overlay_ids = _overlay_choice([r.has_tumor for r in records], n_overlays)
+        overlay_ids = report.overlay_choice([r.has_tumor for r in records], n_overlays)
 
         slice_rows, pred_slice, true_slice = [], [], []
         volume_counts: dict[str, dict[str, int]] = {}

@@ -84,6 +84,24 @@ def save_dice_plot(
     plt.close(fig)
 
 
+def save_confusion(path: str | Path, counts: Mapping[str, int], *, title: str = "slices") -> None:
+    """Writes the 2 x 2 confusion matrix of slice labels (counts tp, fp, tn, fn)."""
+    plt = _pyplot()
+    grid = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.4, 3.0))
+    ax.imshow(grid, cmap="Blues")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, str(int(v)), ha="center", va="center", color="black" if v < grid.max() / 2 else "white")
+    ax.set_xticks([0, 1], ["no tumor", "tumor"])
+    ax.set_yticks([0, 1], ["no tumor", "tumor"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _cell(value, width: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"{'n/a':>{width}}"
@@ -115,3 +133,17 @@ def metrics_table(
             line += "  " + (_cell(paper[label], width) if label in paper else " " * width)
         cols.append(line.rstrip())
     return "\n".join(cols)
+
+
+def _evenly(ids: list[int], m: int) -> list[int]:
+    if m <= 0 or not ids:
+        return []
+    return [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(m, len(ids))).round().astype(int))]
+
+
+def overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
+    """Up to n slice indices, half of them with tumor, spread evenly through the records."""
+    tumor = [i for i, t in enumerate(has_tumor) if t]
+    other = [i for i, t in enumerate(has_tumor) if not t]
+    chosen = _evenly(tumor, (n + 1) // 2)
+    return set(chosen + _evenly(other, n - len(chosen)))

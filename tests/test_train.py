@@ -251,7 +251,7 @@ def test_evaluate_and_predict_a_trained_run(trained, tmp_path):
     assert m["n_patients"] == len(splits["test"])
     for key in ("slice_accuracy", "slice_f1", "pixel_f1", "dice_volume_mean", "dice_volume_median", "iou_mean"):
         assert 0.0 <= m[key] <= 1.0, key
-    patient = next(p for p in (trained / "data").iterdir() if p.name in splits["test"])
+    patient = next(p for p in (trained / "data").iterdir() if p.name.rsplit("_", 1)[0] in splits["test"])
     out = tmp_path / "pred"
     res = _cli("predict", "--workdir", str(trained), "--out", str(out), "--samples", "3", str(patient))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -15,7 +15,7 @@ def get_config():
     )
     c.loss.kl_warmup_steps = 300
     c.train.batch_size = 16
-    c.train.steps = 1400
+    c.train.steps = 1500
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
     return c

@@ -94,16 +94,39 @@ class Checkpoints:
 
 
 def _restore_newest(manager: ocp.CheckpointManager, abstract_state, where: Path):
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            out = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
-            return out["state"], out["data"], out["meta"]
-        except Exception as err:  # noqa: BLE001 - any unreadable save is skipped, never fatal
-            warnings.warn(f"checkpoint {where / str(step)} is unreadable ({type(err).__name__}); "
-                          "falling back to the previous one", CheckpointWarning, stacklevel=2)
-    return None
+    skipped = []
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                out = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore()))
+                return out["state"], out["data"], out["meta"]
+            except Exception as err:  # noqa: BLE001 - any unreadable save is skipped, never fatal
+                warnings.warn(f"checkpoint {where / str(step)} is unreadable ({type(err).__name__}); "
+                              "falling back to the previous one", CheckpointWarning, stacklevel=3)
+                skipped.append(step)
+        return None
+    finally:
+        _set_aside(manager, where, skipped)
+
+
+def _set_aside(manager: ocp.CheckpointManager, where: Path, steps: list[int]) -> None:
+    """Moves unreadable saves to checkpoints/unreadable/ (kept for inspection, out of
+    the manager's way, so the resumed run can save those steps again)."""
+    if not steps or jax.process_index() != 0:
+        return
+    aside = where.parent / "unreadable"
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        src = where / str(step)
+        if src.exists():
+            dst = aside / f"{where.name}-{step}"
+            n = 1
+            while dst.exists():
+                dst, n = aside / f"{where.name}-{step}.{n}", n + 1
+            src.rename(dst)
+    manager.reload()
 
 
 def abstract(tree) -> Any:

@@ -158,20 +158,6 @@ def select_records(index, workdir: Path, split: str):
     return index.for_patients(wanted), len(set(wanted) & set(splits.get("train", ())))
 
 
-def _evenly(ids: list[int], m: int) -> list[int]:
-    if m <= 0 or not ids:
-        return []
-    return [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(m, len(ids))).round().astype(int))]
-
-
-def _overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
-    """Up to n slice indices, half of them with tumor, spread evenly through the records."""
-    tumor = [i for i, t in enumerate(has_tumor) if t]
-    other = [i for i, t in enumerate(has_tumor) if not t]
-    chosen = _evenly(tumor, (n + 1) // 2)
-    return set(chosen + _evenly(other, n - len(chosen)))
-
-
 # ----------------------------------------------------------------------------- figures
 
 
@@ -311,7 +297,7 @@ def evaluate(
         print(f"note: {n_in_train} of these patients were used for training", file=sys.stderr)
 
     channels = model_channels(predictor.config)
-    chosen = _overlay_choice([r.has_tumor for r in records], n_overlays)
+    chosen = figures.overlay_choice([r.has_tumor for r in records], n_overlays)
     kept: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, float]] = []
     acc = metrics.SegmentationAccumulator()
     bar = tqdm(total=len(records), desc=f"evaluate {split}", unit="slice", disable=not progress, file=sys.stderr)
@@ -344,6 +330,8 @@ def evaluate(
         figures.save_dice_plot(tmp / "dice_per_patient.png",
                                {r["patient"]: r["dice"] for r in report["per_patient"]},
                                title=f"{split}: Dice per patient volume (step {report['checkpoint_step']})")
+        figures.save_confusion(tmp / "confusion.png", report["slice_counts"],
+                               title=f"{split}: slice labels (step {report['checkpoint_step']})")
         for record, f, t, m, d in kept:
             figures.save_overlay(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}.png", f, t, m,
                                  title=f"{record.patient} slice {record.slice_number}: Dice {d:.2f}")

@@ -298,11 +298,12 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                "slices_per_s": round((total - start) * batch_size / max(elapsed, 1e-9), 3),
                "train": last["train"], "validation": last["eval"], "best_val_dice_volume_mean": ckpt.best_value}
     if is_main:
-        write_json(wd / "train_summary.json", summary)
-        try:
-            from dlvae_jax.train import plots
+        from dlvae_jax.train import plots
+        from dlvae_jax.train.evaluate import evaluate
 
-            plots.training_plots(wd)
-        except ImportError:
-            pass
+        write_json(wd / "train_summary.json", summary)
+        plots.training_plots(wd)
+        # The best checkpoint on the validation split: confusion matrix, Dice per
+        # patient and example overlays in eval_validation/.
+        evaluate(wd, data_dir=data_dir, split="validation", checkpoint="best")
     return summary
