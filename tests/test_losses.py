@@ -229,6 +229,20 @@ def test_total_loss_matches_weighted_numpy_sum():
     close(logs["kl_beta"], beta)
 
 
+def test_kl_adds_the_label_free_posterior_when_present():
+    """dlvae_cnn's CNN reads the label-free posterior; its KL joins Eq. 6's."""
+    out, batch = _fake_vae_outputs(), _fake_batch()
+    names = ("pp", "pv", "qq", "qv")
+    free_means = {n: jnp.asarray(RNG.normal(size=(2, 3)).astype(np.float32)) for n in names}
+    free_logvars = {n: jnp.asarray(0.5 * RNG.normal(size=(2, 3)).astype(np.float32)) for n in names}
+    _, logs = losses.total_loss(dict(out, free_latent_means=free_means, free_latent_logvars=free_logvars), batch,
+                                LossConfig(free_bits=0.02))
+    o = jax.tree_util.tree_map(np.asarray, out)
+    expected = np_kl([o["latent_means"][n] for n in names], [o["latent_logvars"][n] for n in names], 0.02) + np_kl(
+        [np.asarray(free_means[n]) for n in names], [np.asarray(free_logvars[n]) for n in names], 0.02)
+    close(logs["kl"], expected, rtol=1e-5)
+
+
 def test_invalid_rows_are_left_out_of_every_term():
     """Evaluation padding (valid_B False) counts nowhere: the logs equal the
     NumPy references on the valid rows alone, whatever the padding holds."""

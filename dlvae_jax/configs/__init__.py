@@ -92,10 +92,31 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
     elif isinstance(old, str) and isinstance(new, str):
         return new
     elif isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
-        return type(old)(new)
-    elif new is None:
-        return None
-    raise ConfigError(f"--set {key}: expected a {type(old).__name__}, got {new!r}")
+        if len(new) != len(old):
+            raise ConfigError(f"--set {key}: expected {len(old)} values, got {len(new)}")
+        return type(old)(_coerce(f"{key}[{i}]", o, v) for i, (o, v) in enumerate(zip(old, new)))
+    raise ConfigError(f"--set {key}: expected a value of type {type(old).__name__}, got {new!r}")
+
+
+def model_fields(name: str) -> dict[str, Any]:
+    """The options of the model registered as `name` with their defaults, as
+    config values (the computation dtype as its name); {} for an unknown name."""
+    import dataclasses
+
+    from dlvae_jax.models.registry import MODELS
+
+    cls = MODELS.get(name)
+    if cls is None:
+        return {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ("parent", "name", "norm_axis_name") or f.default is dataclasses.MISSING:
+            continue
+        value = f.default
+        if f.name == "dtype":
+            value = getattr(value, "__name__", str(value))
+        out[f.name] = value
+    return out
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -110,10 +131,18 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         node = cfg
         for i, part in enumerate(parts):
             fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            if i == 1 and parts[0] == "model" and part not in fields:
+                # Any option of the chosen model may be set, listed in the config or not.
+                known = model_fields(cfg.model.get("name", ""))
+                if part in known and len(parts) == 2:
+                    node[part] = known[part]
+                    fields.append(part)
+                else:
+                    fields += list(known)
             if part not in fields:
                 where = ".".join(parts[:i]) or "the config"
                 close = difflib.get_close_matches(part, fields, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else f"; fields: {', '.join(sorted(fields))}"
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; fields: {', '.join(sorted(set(fields)))}"
                 raise ConfigError(f"--set {key}: {where} has no field {part!r}{hint}")
             if i < len(parts) - 1:
                 node = node[part]
@@ -124,8 +153,18 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     return cfg
 
 
+def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Writes every option of the config's model into `cfg.model` (defaults for
+    those not set), so the config written into a run names the whole model and
+    a later change of a default cannot pass for the same run."""
+    for key, value in model_fields(cfg.model.name).items():
+        if key not in cfg.model:
+            cfg.model[key] = value
+    return cfg
+
+
 def load(name_or_file: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    cfg = apply_overrides(get(name_or_file), overrides)
+    cfg = resolve_model(apply_overrides(get(name_or_file), overrides))
     cfg.config_name = name_or_file if name_or_file in NAMES else str(Path(name_or_file).resolve())
     return cfg
 

@@ -114,18 +114,23 @@ def _restore_newest(manager: ocp.CheckpointManager, abstract_state, where: Path)
 def _set_aside(manager: ocp.CheckpointManager, where: Path, steps: list[int]) -> None:
     """Moves unreadable saves to checkpoints/unreadable/ (kept for inspection, out of
     the manager's way, so the resumed run can save those steps again)."""
-    if not steps or jax.process_index() != 0:
+    if not steps:
         return
-    aside = where.parent / "unreadable"
-    aside.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        src = where / str(step)
-        if src.exists():
-            dst = aside / f"{where.name}-{step}"
-            n = 1
-            while dst.exists():
-                dst, n = aside / f"{where.name}-{step}.{n}", n + 1
-            src.rename(dst)
+    if jax.process_index() == 0:
+        aside = where.parent / "unreadable"
+        aside.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            src = where / str(step)
+            if src.exists():
+                dst = aside / f"{where.name}-{step}"
+                n = 1
+                while dst.exists():
+                    dst, n = aside / f"{where.name}-{step}.{n}", n + 1
+                src.rename(dst)
+    if jax.process_count() > 1:  # every process must see the same steps before saving again
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dlvae-jax: unreadable checkpoints set aside")
     manager.reload()
 
 

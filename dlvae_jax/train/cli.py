@@ -38,8 +38,9 @@ def _init_distributed(args) -> None:
         kwargs["num_processes"] = args.num_processes
     if args.process_id is not None:
         kwargs["process_id"] = args.process_id
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives for CPU devices (GPUs and TPUs bring their own);
+    # set before initialize(), which must run before any backend starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as err:

@@ -42,8 +42,11 @@ def loss_from_config(cfg) -> LossConfig:
 
 
 def optimizer_from_config(cfg):
-    updates = max(1, int(cfg.train.steps) // max(1, int(cfg.optimizer.accumulate_steps)))
-    return make_optimizer(cfg.optimizer, updates)
+    """(optax transform, learning rate as a function of the train step). A train
+    step is one batch; with `accumulate_steps` k, k steps make one update."""
+    k = max(1, int(cfg.optimizer.accumulate_steps))
+    tx, schedule = make_optimizer(cfg.optimizer, max(1, int(cfg.train.steps) // k))
+    return tx, (schedule if k == 1 else (lambda step: schedule(step // k)))
 
 
 def check_config(cfg) -> None:
@@ -58,9 +61,12 @@ def check_config(cfg) -> None:
         raise DlvaeError(f"data.channels must be one of {lgg.CHANNEL_CHOICES}, got {cfg.data.channels!r}")
     if "num_clusters" in cfg.model and int(cfg.model.num_clusters) != int(cfg.preprocess.k):
         raise DlvaeError("model.num_clusters must equal preprocess.k")
-    for key in ("batch_size", "steps"):
-        if int(cfg.train[key]) <= 0:
-            raise DlvaeError(f"train.{key} must be positive, got {cfg.train[key]}")
+    for section, key in (("train", "batch_size"), ("train", "steps"), ("train", "log_every"),
+                         ("train", "eval_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
+                         ("eval", "batch_size"), ("optimizer", "accumulate_steps")):
+        value = cfg[section][key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DlvaeError(f"{section}.{key} must be a positive integer, got {value!r}")
     model_from_config(cfg)  # unknown model options fail here, naming them
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,9 +53,10 @@ from dlvae_jax.train.step import eval_outputs, train_step
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 EVAL_SEED = 12345  # K-means restarts at evaluation: fixed, so evaluations are comparable
-# Fields that may change when a run is resumed (a longer run, other logging).
-RESUMABLE = {("train", "steps"), ("train", "log_every"), ("train", "eval_every"), ("train", "checkpoint_every"),
-             ("eval", "overlays")}
+# Fields that may change when a run is resumed (logging and evaluation cadence).
+# train.steps is not among them: it sets the learning-rate schedule's length.
+RESUMABLE = {("train", "log_every"), ("train", "eval_every"), ("train", "checkpoint_every"), ("eval", "overlays"),
+             ("eval", "batch_size"), ("data", "num_threads")}
 
 
 class NonFiniteLoss(DlvaeError):
@@ -179,13 +181,37 @@ def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = 
             raise DlvaeError(f"{workdir}: holds a run of another config (differs in {', '.join(conflict[:6])}); "
                              "use another --workdir, or --overwrite to replace that run")
     inputs = [cfg.data.data_dir] if cfg.data.data_dir else []
+    if not is_main:
+        # Process 0 owns the workdir (marker, lock, config, synthetic data,
+        # splits); the others start once it has set them up.
+        _barrier("dlvae-jax train: workdir ready")
+        return _train_in(cfg, workdir.resolve(), parallel, is_main, progress)
     with outdir.run_folder(workdir, "train", overwrite=overwrite, inputs=inputs) as wd:
+        (wd / CONFIG_FILE).write_text(configs.to_json(cfg))
+        data_dir, _ = resolve_data_dir(cfg, wd)
+        ex.workdir_splits(wd, lgg.scan(data_dir), cfg)
+        _barrier("dlvae-jax train: workdir ready")
         return _train_in(cfg, wd, parallel, is_main, progress)
 
 
+def _any_process(flag) -> bool:
+    """Whether `flag` holds on any process (Orbax saves are collective: every
+    process must decide the same)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> dict:
-    if is_main:
-        (wd / CONFIG_FILE).write_text(configs.to_json(cfg))
     data_dir, _ = resolve_data_dir(cfg, wd)
     index = lgg.scan(data_dir)
     splits = ex.workdir_splits(wd, index, cfg)
@@ -238,9 +264,12 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
 
     def finish_step(step_no, dev_metrics):
         host = _scalars(dev_metrics)
-        if not math.isfinite(host["total"]):
+        finite = host.pop("params_finite", 1.0) == 1.0
+        if not math.isfinite(host["total"]) or not finite:
             terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(host.items()))
-            raise NonFiniteLoss(f"loss is {host['total']} at step {step_no} ({terms}); stopped, "
+            what = (f"loss is {host['total']}" if not math.isfinite(host["total"])
+                    else "the update made the parameters non-finite")
+            raise NonFiniteLoss(f"{what} at step {step_no} ({terms}); stopped, "
                                 f"the last checkpoint in {wd / 'checkpoints'} is kept")
         last["train"] = host
         if step_no % int(cfg.train.log_every) == 0 or step_no == total:
@@ -268,7 +297,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                 if bar is not None:
                     bar.update(1)
                 do_eval = step_no % int(cfg.train.eval_every) == 0 or step_no == total
-                do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0 or signals.pending()
+                stop = _any_process(signals.pending())
+                do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0 or stop
                 if do_ckpt:
                     finish_step(*pending)
                     pending = None
@@ -284,6 +314,9 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                                             val_dice=f"{eval_metrics['dice_volume_mean']:.3f}")
                     checkpoint(step_no, state, last_data_state, eval_metrics)
                     last["step"] = step_no
+                if stop and signals.pending() is None:  # another process was signalled: stop together
+                    ckpt.wait()
+                    raise signals.Interrupted(signal.SIGTERM)
         if pending is not None:
             finish_step(*pending)
         last["step"] = total
@@ -303,7 +336,9 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
 
         write_json(wd / "train_summary.json", summary)
         plots.training_plots(wd)
-        # The best checkpoint on the validation split: confusion matrix, Dice per
-        # patient and example overlays in eval_validation/.
-        evaluate(wd, data_dir=data_dir, split="validation", checkpoint="best")
+        if jax.process_count() == 1:
+            # The best checkpoint on the validation split: confusion matrix, Dice per
+            # patient and example overlays in eval_validation/. (A multi-process job
+            # leaves this to `dlvae-jax evaluate`: Orbax's restore is collective.)
+            evaluate(wd, data_dir=data_dir, split="validation", checkpoint="best")
     return summary

@@ -120,7 +120,10 @@ def train_step(state, batch: dict[str, jax.Array], *, model: nn.Module, tx: opta
     logs = _pmean(logs, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(logs, grad_norm=optax.global_norm(grads))
+    # A finite loss can still come with an update that overflows: the loop checks
+    # this flag too before it saves the new parameters.
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
+    metrics = dict(logs, grad_norm=optax.global_norm(grads), params_finite=finite.astype(jnp.float32))
     if lr_schedule is not None:
         metrics["learning_rate"] = lr_schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
