@@ -392,8 +392,11 @@ def _start(args, cwd, slow: str | None = None, delay: float = 0.05):
     code = "import sys\n"
     if slow:
         module, name = slow.split(":")
-        code += (f"import time, {module} as m\nf = m.{name}\n"
-                 f"m.{name} = lambda *a, **k: (time.sleep({delay}), f(*a, **k))[1]\n")
+        # The first call also leaves a file "slow-started" in the working folder,
+        # so a test can wait for the work to be under way instead of guessing.
+        code += (f"import pathlib, time, {module} as m\nf = m.{name}\n"
+                 f"m.{name} = lambda *a, **k: (pathlib.Path('slow-started').touch(), time.sleep({delay}), "
+                 f"f(*a, **k))[2]\n")
     code += "from dlvae_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -448,7 +451,10 @@ def test_sigterm_and_sigint_during_data_commands(command, data, tmp_path):
         _wait_for_temporary(proc, tmp_path / "t")
         time.sleep(0.3)  # TFDS is writing examples
     else:
-        time.sleep(2.0)  # importing (about 1 s), then checking slices in worker threads (1 s each)
+        while not (tmp_path / "slow-started").exists():  # checking slices in worker threads (1 s each)
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        time.sleep(0.2)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, stderr

@@ -350,10 +350,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     assert sorted(a.files) == sorted(b.files) and len(a.files) > 4
     # The gloo all-reduce across processes sums in another order than the
     # in-process one; batch norm's backward pass amplifies that float32
-    # rounding to ~1e-5 of a weight's scale after 3 steps (measured 5e-5 at
-    # most), far below what one step moves a weight.
-    rel = max(float(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(b[k]))) for k in a.files)
-    assert rel <= 2e-4, rel
+    # rounding: after 3 steps weights of scale 0.2-0.6 differ by 4e-5 at most
+    # (measured), far below what a step moves them.
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
+    assert worst <= 1e-4, worst
     loss = lambda out: [float(l.split()[2]) for l in out.splitlines() if l.startswith("DONE")]
     losses = loss(outs[0][0]) + loss(outs[1][0]) + loss(one.stdout)
     assert len(losses) == 3 and max(losses) - min(losses) <= 1e-5, losses
