@@ -6,7 +6,7 @@ from dlvae_jax.configs.base import base
 
 def get_config():
     c = base()
-    c.data.synth_patients = 8
+    c.data.synth_patients = 12
     c.data.synth_slices = 16
     c.data.synth_size = 64
     c.data.image_size = 64
@@ -19,10 +19,10 @@ def get_config():
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 20
     c.train.batch_size = 8
-    c.train.steps = 150
+    c.train.steps = 400
     c.train.log_every = 10
-    c.train.eval_every = 50
-    c.train.checkpoint_every = 50
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
     c.eval.batch_size = 16
     c.eval.overlays = 4
     return c

@@ -212,6 +212,9 @@ def _barrier(name: str) -> None:
 
 
 def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> dict:
+    if int(cfg.train.batch_size) % jax.device_count():
+        raise DlvaeError(f"train.batch_size {cfg.train.batch_size} does not split over {jax.device_count()} "
+                         "devices; use a multiple of the device count")
     data_dir, _ = resolve_data_dir(cfg, wd)
     index = lgg.scan(data_dir)
     splits = ex.workdir_splits(wd, index, cfg)
