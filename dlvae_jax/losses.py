@@ -183,19 +183,6 @@ def pixel_bce(mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, valid_B: jax.
     return _batch_mean(jnp.mean(_bce_with_logits(mask_logits_BxHxW, mask_BxHxW), axis=(1, 2)), valid_B)
 
 
-def segmentation(
-    mask_logits_BxHxW: jax.Array,
-    mask_BxHxW: jax.Array,
-    dice_weight: float = 1.0,
-    bce_weight: float = 1.0,
-    smooth: float = 1.0,
-    valid_B: jax.Array | None = None,
-) -> jax.Array:
-    """Soft Dice loss + pixel BCE (weights inside the term; both 1 by default)."""
-    dice = soft_dice_loss(mask_logits_BxHxW, mask_BxHxW, smooth, valid_B)
-    return dice_weight * dice + bce_weight * pixel_bce(mask_logits_BxHxW, mask_BxHxW, valid_B)
-
-
 # ------------------------------------------------------------- configuration
 
 

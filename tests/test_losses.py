@@ -146,10 +146,10 @@ def test_segmentation_matches_numpy():
     mask[0] = 0.0  # a tumor-free slice
     close(losses.soft_dice_loss(logits, mask), np_dice_loss(logits, mask))
     close(losses.pixel_bce(logits, mask), np.mean(np_bce(logits, mask)))
-    close(
-        losses.segmentation(logits, mask, dice_weight=0.3, bce_weight=2.0),
-        0.3 * np_dice_loss(logits, mask) + 2.0 * np.mean(np_bce(logits, mask)),
-    )
+    _, logs = losses.total_loss({"logits_Bx2": np.zeros((3, 2), np.float32), "mask_logits_BxHxW": logits},
+                                {"label_B": np.zeros(3, np.int32), "mask_BxHxW": mask},
+                                LossConfig(seg_dice_weight=0.3, seg_bce_weight=2.0))
+    close(logs["segmentation"], 0.3 * np_dice_loss(logits, mask) + 2.0 * np.mean(np_bce(logits, mask)))
 
 
 def test_dice_hand_values():

@@ -13,7 +13,7 @@ here are stated in each docstring.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,8 @@ class CNNBaseline(nn.Module):
     `blocks` x (3x3 conv -> ReLU -> 2x2 max pool) with widths
     features * (1, 2, 4, 4, ...), then flatten -> Dense(hidden) -> ReLU ->
     dropout -> Dense(2). No normalization by default (as in [25])."""
+
+    description: ClassVar[str] = "plain conv/pool CNN classifier after Mahjoubi et al. [25]; class"  # shown by `dlvae-jax models`
 
     features: int = 32
     blocks: int = 4
@@ -69,6 +71,8 @@ class VGG16(nn.Module):
     head (Dense(hidden) -> dropout -> Dense(2)) instead of the 4096-wide FC
     layers, which would hold ~134M parameters at 256x256.
     """
+
+    description: ClassVar[str] = "VGG16 conv stack (13 convs, batch norm, GAP head) after Alshammari [26]; class"  # shown by `dlvae-jax models`
 
     features: int = 64
     hidden: int = 256
@@ -125,6 +129,8 @@ class DCNN(nn.Module):
     features * (1, 2, 4, 8), each stage after the first halving the
     resolution, then global average pooling -> Dense(2)."""
 
+    description: ClassVar[str] = "deeper residual CNN after Alzubaidi et al. [27]; class"  # shown by `dlvae-jax models`
+
     features: int = 32
     blocks_per_stage: int = 2
     norm: str = "batch"
@@ -156,6 +162,8 @@ class UNet(nn.Module):
     (global average pool of the bottleneck -> Dense -> Dense(2)) is added so
     the model has the common `logits_Bx2` output.
     """
+
+    description: ClassVar[str] = "U-Net of Buda et al. (32 features, 4 levels, batch norm) + GAP class head; class + mask"  # shown by `dlvae-jax models`
 
     features: int = 32
     levels: int = 4

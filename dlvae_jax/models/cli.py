@@ -45,7 +45,7 @@ def summary_rows(names, size: int, channels: int, dtype: str) -> list[tuple[str,
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from dlvae_jax.models.registry import DESCRIPTIONS, MODEL_NAMES, MODELS
+    from dlvae_jax.models.registry import MODEL_NAMES, MODELS
 
     names = args.names or list(MODEL_NAMES)
     unknown = [n for n in names if n not in MODELS]
@@ -53,7 +53,7 @@ def _handle(args: argparse.Namespace) -> int:
         raise DlvaeError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(MODEL_NAMES)}")
     if not args.summary:
         for name in names:
-            print(f"{name:10s} {DESCRIPTIONS[name]}")
+            print(f"{name:10s} {MODELS[name].description}")
         return 0
     divisor = 2**5  # the deepest default model (vgg16) pools five times
     if args.size <= 0 or args.size % divisor:

@@ -30,7 +30,7 @@ How the label Y is resolved (the VAE encoders are conditioned on it):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -97,6 +97,8 @@ class DLVAECNN(nn.Module):
     label dropout) when train=True; none at inference, where z is the
     posterior mean, so inference is deterministic.
     """
+
+    description: ClassVar[str] = "dual-view conditional VAE + FiLM-conditioned U-Net CNN (Rao et al.); class + mask"  # shown by `dlvae-jax models`
 
     num_clusters: int = 4
     specific_dim: int = 32

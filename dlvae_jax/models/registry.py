@@ -28,13 +28,6 @@ MODELS: dict[str, type[nn.Module]] = {
     "unet": UNet,
 }
 MODEL_NAMES = tuple(MODELS)
-DESCRIPTIONS = {
-    "dlvae_cnn": "dual-view conditional VAE + FiLM-conditioned U-Net CNN (Rao et al.); class + mask",
-    "cnn": "plain conv/pool CNN classifier after Mahjoubi et al. [25]; class",
-    "vgg16": "VGG16 conv stack (13 convs, batch norm, GAP head) after Alshammari [26]; class",
-    "dcnn": "deeper residual CNN after Alzubaidi et al. [27]; class",
-    "unet": "U-Net of Buda et al. (32 features, 4 levels, batch norm) + GAP class head; class + mask",
-}
 RNG_STREAMS = ("sample", "dropout")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
