@@ -36,7 +36,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import tempfile

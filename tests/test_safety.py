@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
-from dlvae_jax import outdir, signals
 from dlvae_jax.cli import build_parser, main
 from dlvae_jax.classical import blank_slices
 from dlvae_jax.data.synth import synthesize

@@ -17,7 +17,6 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from dlvae_jax.ops.histogram import equalize_hist
 from dlvae_jax.ops.kmeans import kmeans_image

@@ -14,7 +14,6 @@ it, so a run resumes from the newest readable save.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -137,7 +136,3 @@ def _set_aside(manager: ocp.CheckpointManager, where: Path, steps: list[int]) ->
 def abstract(tree) -> Any:
     """Shapes, dtypes and shardings of `tree`, for a restore that places arrays directly."""
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def remove(workdir: str | Path) -> None:
-    shutil.rmtree(Path(workdir) / "checkpoints", ignore_errors=True)

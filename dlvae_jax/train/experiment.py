@@ -18,9 +18,6 @@ from dlvae_jax.models import get_model
 from dlvae_jax.train.optim import make_optimizer
 from dlvae_jax.train.step import PrepConfig
 
-SPLIT_ALIASES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
-
-
 def model_from_config(cfg, norm_axis_name: str | None = None):
     opts = {k: v for k, v in cfg.model.to_dict().items() if k != "name"}
     if norm_axis_name is not None:

@@ -13,7 +13,6 @@ probabilities come back at the input's resolution.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import jax
