@@ -63,6 +63,22 @@ def _classical_fn(k: int, n_init: int, min_size: int, margin: int, equalize: str
     return run
 
 
+def classical_roi(flair_BxHxW: np.ndarray, key, first_slice: int = 0, *, k: int = 4, n_init: int = 10,
+                  min_size: int = 64, margin: int = 8, equalize: str = "head") -> np.ndarray:
+    """The K-means tumor-candidate ROI of each slice, bool [B, H, W], blank slices emptied.
+
+    flair_BxHxW: uint8 FLAIR slices; key: a PRNG key, folded with each slice's
+    index `first_slice + i`, so the ROI of a slice does not depend on how the
+    slices are batched.
+    """
+    import jax
+
+    run = _classical_fn(k, n_init, min_size, margin, equalize)
+    roi = np.array(jax.device_get(run(np.asarray(flair_BxHxW), key, first_slice)[2]), bool)
+    roi[blank_slices(flair_BxHxW)] = False
+    return roi
+
+
 def blank_slices(flair_BxHxW: np.ndarray) -> np.ndarray:
     """bool [B]: slices with no brain (flat or near-flat FLAIR), whose ROI is left empty."""
     flair = np.asarray(flair_BxHxW)

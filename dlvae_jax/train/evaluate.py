@@ -193,12 +193,12 @@ def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, NumPy scalars -> Python: strict JSON for any reader."""
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.integer, np.bool_)):
         return obj.item()
     if isinstance(obj, (float, np.floating)):
@@ -323,7 +323,7 @@ def evaluate(
         "threshold": THRESHOLD,
         "n_patients_in_train": int(n_in_train),
     })
-    report = _json_safe(report)
+    report = json_safe(report)
 
     with atomic_path(workdir / f"eval_{split}", replace_dir=True) as tmp:
         (tmp / "overlays").mkdir(parents=True)
