@@ -1,0 +1,100 @@
+"""Several loss variants of one model trained at once: `jax.vmap` over a
+leading variant axis, inside one jit.
+
+    states = stack([state] * V)                  # params, batch stats, optimizer states: [V, ...]
+    losses = stack([LossConfig(...), ...])       # loss weights: [V]
+    step = variant_step(model, tx, prep, augment, lr_schedule)
+    states, metrics = step(states, batch, losses)   # metrics: [V] each
+
+Every variant reads the same batch and the same PRNG keys (the step counter
+and the run key are shared, not stacked), so the augmentation, the resizing
+and the K-means views of a batch are computed once for all variants, and a
+variant's trajectory is the one `train_step` gives it alone with the same
+seed: `sequential_step` is that single-variant step, jitted once and called
+with each variant's state and weights in turn, for comparison.
+
+Loss weights are traced values here, so a zero weight multiplies its term
+instead of dropping it (see `dlvae_jax.losses.LossConfig`); a variant whose
+removed term turned NaN would show NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dlvae_jax.losses import LossConfig
+from dlvae_jax.train.state import TrainState
+from dlvae_jax.train.step import train_step
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Stacks pytrees of the same structure on a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
+def unstack(tree: Any, i: int) -> Any:
+    """Variant i of a stacked pytree."""
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def stack_states(state: TrainState, n: int) -> TrainState:
+    """n copies of `state` as one variant-stacked state; step and key stay shared (unstacked)."""
+    many = stack([state] * n)
+    return many.replace(step=state.step, key=state.key)
+
+
+def variant_state(states: TrainState, i: int) -> TrainState:
+    """Variant i of a stacked state, as a plain TrainState (shared step and key kept)."""
+    one = unstack(states.replace(step=None, key=None), i)
+    return one.replace(step=states.step, key=states.key)
+
+
+_STATE_AXES = TrainState(step=None, params=0, batch_stats=0, opt_state=0, key=None)
+
+
+def _step(state, batch, loss_cfg, *, model, tx, prep, augment, lr_schedule):
+    return train_step(state, batch, model=model, tx=tx, loss_cfg=loss_cfg, prep=prep, augment=augment,
+                      lr_schedule=lr_schedule)
+
+
+def variant_step(model, tx, prep, augment, lr_schedule=None, donate: bool = True) -> Callable:
+    """jit(vmap(train_step)) over (stacked state, shared batch, stacked LossConfig)."""
+    fn = functools.partial(_step, model=model, tx=tx, prep=prep, augment=augment, lr_schedule=lr_schedule)
+    mapped = jax.vmap(fn, in_axes=(_STATE_AXES, None, 0), out_axes=(_STATE_AXES, 0))
+    return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+
+
+def sequential_step(model, tx, prep, augment, lr_schedule=None, donate: bool = True) -> Callable:
+    """jit(train_step) with the loss weights as traced arguments: one compile serves every variant."""
+    fn = functools.partial(_step, model=model, tx=tx, prep=prep, augment=augment, lr_schedule=lr_schedule)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def loss_variants(base: LossConfig, kl_sweep: Sequence[float] = (0.1, 0.3, 3.0, 10.0)) -> dict[str, LossConfig]:
+    """The full loss, each VAE loss of Eqs. 6-9 removed in turn, and a sweep of the KL weight."""
+    w = {"kl": base.kl, "reconstruction": base.reconstruction, "cosine": base.cosine,
+         "latent_classification": base.latent_classification}
+    out = {"full": base}
+    names = {"kl": "no KL (Eq. 6)", "reconstruction": "no reconstruction (Eq. 7)", "cosine": "no cosine (Eq. 8)",
+             "latent_classification": "no latent classifier (Eq. 9)"}
+    for term in w:
+        out[names[term]] = base.replace(**{term: 0.0})
+    for beta in kl_sweep:
+        if beta != base.kl:
+            out[f"KL weight {beta:g}"] = base.replace(kl=float(beta))
+    return out
+
+
+def stack_losses(cfgs: Sequence[LossConfig]) -> LossConfig:
+    """Stacks LossConfigs (weights become float32 [V]); static fields must agree."""
+    cfgs = [c.replace(**{k: float(v) for k, v in c.weights().items()},
+                      free_bits=float(c.free_bits), seg_dice_weight=float(c.seg_dice_weight),
+                      seg_bce_weight=float(c.seg_bce_weight), dice_smooth=float(c.dice_smooth)) for c in cfgs]
+    statics = {(c.reconstruction_kind, c.kl_warmup_steps) for c in cfgs}
+    if len(statics) != 1:
+        raise ValueError(f"loss variants differ in static fields (reconstruction_kind, kl_warmup_steps): {statics}")
+    return jax.tree_util.tree_map(lambda *xs: jnp.asarray(xs, jnp.float32), *cfgs)

@@ -1,0 +1,327 @@
+"""DL-VAE-CNN loss ablation: every variant trained at once with `jax.vmap`.
+
+Variants (`dlvae_jax.train.ablation.loss_variants`): the full loss; each VAE
+loss of Eqs. 6-9 removed in turn (KL, reconstruction, cosine, latent
+classifier); and the KL weight swept over --kl-sweep. All variants start from
+the same initialization (--seed) and read the same batches and PRNG keys;
+their parameters, batch statistics and optimizer states are stacked on a
+leading axis and one jitted `vmap(train_step)` advances them together.
+
+Speed. Before training, the same variants are also stepped one after another
+(the ordinary jitted step, compiled once, called once per variant) on the
+same batches, and both are timed in this run, compile apart; the ratio is
+printed and recorded.
+
+Evaluation. After --steps steps each variant's final weights are scored on
+the validation and the test patients of the config's patient-level split
+with the decision rule of `dlvae-jax evaluate`.
+
+Outputs in --out: loss_ablation.md (tables), loss_ablation.png (test Dice and
+accuracy per variant, training loss curves), loss_ablation.json (every
+figure) and loss_ablation_log.jsonl (per-variant losses during training).
+
+    python experiments/loss_ablation.py --data-dir ../shared/data/lgg/kaggle_3m \\
+        --steps 300 --set data.image_size=64 --out experiments/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DL-VAE-CNN loss ablation, variants trained at once with vmap.")
+    p.add_argument("--data-dir", type=Path, required=True, help="LGG data in the kaggle_3m layout")
+    p.add_argument("--config", default="cpu", help="DL-VAE-CNN config to start from (default cpu)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--steps", type=int, default=300, help="train steps (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl-sweep", default="0.1,0.3,3,10", help="KL weights besides the config's (default 0.1,0.3,3,10)")
+    p.add_argument("--timing-steps", type=int, default=5, help="timed steps per mode for the speed ratio (default 5)")
+    p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.timing_steps < 1:
+        p.error("--steps and --timing-steps must be at least 1")
+    try:
+        args.kl_sweep = [float(x) for x in args.kl_sweep.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--kl-sweep: not a list of numbers: {args.kl_sweep!r}")
+    if any(not math.isfinite(x) or x < 0 for x in args.kl_sweep):
+        p.error("--kl-sweep: weights must be finite and >= 0")
+    if not args.data_dir.is_dir():
+        p.error(f"--data-dir {args.data_dir}: no such folder")
+    return args
+
+
+def _timed(fn, n: int) -> float:
+    import jax
+
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+
+def run(args) -> dict:
+    import jax
+    from tqdm import tqdm
+
+    from dlvae_jax import configs
+    from dlvae_jax.data import lgg
+    from dlvae_jax.data.pipeline import ArrayLoader, Shard, host_iterator, train_dataset
+    from dlvae_jax.data.splits import make_splits
+    from dlvae_jax.models import example_inputs
+    from dlvae_jax.train import ablation
+    from dlvae_jax.train import experiment as ex
+    from dlvae_jax.train.loop import EVAL_SEED, _summary_metrics, evaluate_split
+    from dlvae_jax.train.state import create_state
+    from dlvae_jax.train.step import eval_outputs
+
+    cfg = configs.load(args.config, list(args.set or []))
+    if cfg.model.name != "dlvae_cnn":
+        raise SystemExit(f"loss_ablation: --config {args.config} is a {cfg.model.name} config; the ablation is of dlvae_cnn")
+    cfg.data.data_dir = str(args.data_dir)
+    cfg.train.steps = int(args.steps)
+    cfg.train.seed = int(args.seed)
+    cfg.optimizer.warmup_steps = min(int(cfg.optimizer.warmup_steps), max(1, args.steps // 20))
+    cfg.loss.kl_warmup_steps = min(int(cfg.loss.kl_warmup_steps), max(1, args.steps // 5))
+    ex.check_config(cfg)
+
+    index = lgg.scan(args.data_dir)
+    splits = make_splits(index, int(cfg.data.split_seed), tuple(float(f) for f in cfg.data.fractions))
+    data = {name: ex.load_split(index, splits, name, cfg.data.channels) for name in ("train", "validation", "test")}
+
+    model = ex.model_from_config(cfg)
+    tx, schedule = ex.optimizer_from_config(cfg)
+    prep, augment = ex.prep_from_config(cfg), ex.augment_from_config(cfg)
+    variants = ablation.loss_variants(ex.loss_from_config(cfg), args.kl_sweep)
+    names = list(variants)
+    n_var = len(names)
+    losses = ablation.stack_losses([variants[n] for n in names])
+    c = data["train"].images.shape[-1] if data["train"].images.ndim == 4 else 1
+    state0 = jax.device_get(create_state(model, tx, jax.random.key(int(args.seed)), example_inputs(2, int(cfg.data.image_size), c)))
+    bs = int(cfg.train.batch_size)
+    ds = train_dataset(ArrayLoader(data["train"].images, data["train"].masks), global_batch_size=bs,
+                       seed=int(args.seed), shard=Shard(0, 1))
+
+    vstep = ablation.variant_step(model, tx, prep, augment, schedule)
+    sstep = ablation.sequential_step(model, tx, prep, augment, schedule)
+
+    # ---- speed: vmapped against one variant after another, same batches, compile apart
+    print(f"loss_ablation: {n_var} variants, timing {args.timing_steps} steps each way ...", file=sys.stderr, flush=True)
+    timing_batches = [jax.device_put(ds[i]) for i in range(args.timing_steps + 1)]
+    many = ablation.stack_states(state0, n_var)
+    t0 = time.perf_counter()
+    many, m = vstep(many, timing_batches[0], losses)
+    jax.block_until_ready(m)
+    v_compile = time.perf_counter() - t0
+    box = {"s": many}
+
+    def v_once(it=iter(timing_batches[1:])):
+        box["s"], mm = vstep(box["s"], next(it), losses)
+        return mm
+
+    v_time = _timed(v_once, args.timing_steps)
+    singles = [jax.device_put(state0) for _ in range(n_var)]
+    per_variant = [jax.tree_util.tree_map(lambda x, i=i: x[i], losses) for i in range(n_var)]
+    t0 = time.perf_counter()
+    singles[0], m = sstep(singles[0], timing_batches[0], per_variant[0])
+    jax.block_until_ready(m)
+    s_compile = time.perf_counter() - t0
+    for i in range(1, n_var):  # the first step of the other variants (same compiled program)
+        singles[i], m = sstep(singles[i], timing_batches[0], per_variant[i])
+    jax.block_until_ready(m)
+    seq_box = {"t": 1}
+
+    def s_once():
+        t = seq_box["t"]
+        seq_box["t"] += 1
+        out = None
+        for i in range(n_var):
+            singles[i], out = sstep(singles[i], timing_batches[t], per_variant[i])
+        return out
+
+    s_time = _timed(s_once, args.timing_steps)
+    del singles, box
+    speed = {
+        "variants": n_var, "batch_size": bs, "image_size": int(cfg.data.image_size), "timed_steps": args.timing_steps,
+        "vmap_compile_s": round(v_compile, 2), "sequential_compile_s": round(s_compile, 2),
+        "vmap_step_s": v_time / args.timing_steps, "sequential_step_s": s_time / args.timing_steps,
+        "vmap_variant_slices_per_s": n_var * bs * args.timing_steps / v_time,
+        "sequential_variant_slices_per_s": n_var * bs * args.timing_steps / s_time,
+    }
+    speed["speedup"] = s_time / v_time
+    print(f"loss_ablation: vmap {speed['vmap_step_s']:.2f} s/step for {n_var} variants, one after another "
+          f"{speed['sequential_step_s']:.2f} s: {speed['speedup']:.2f}x (compile {v_compile:.0f} s vs "
+          f"{s_compile:.0f} s)", file=sys.stderr, flush=True)
+
+    # ---- training
+    many = jax.device_put(ablation.stack_states(state0, n_var))
+    it = iter(host_iterator(ds, num_threads=int(cfg.data.num_threads)))
+    log_every = max(1, args.steps // 50)
+    curves: dict[str, list] = {n: [] for n in names}
+    log_rows = []
+    bar = tqdm(total=args.steps, desc="ablation", unit="step", disable=args.quiet or not sys.stderr.isatty(),
+               file=sys.stderr)
+    t0 = time.perf_counter()
+    for step_no in range(1, args.steps + 1):
+        many, metrics = vstep(many, next(it), losses)
+        if step_no % log_every == 0 or step_no == args.steps:
+            host = jax.device_get(metrics)
+            if not np.all(np.isfinite(host["total"])):
+                bad = [names[i] for i in np.flatnonzero(~np.isfinite(host["total"]))]
+                print(f"loss_ablation: warning: non-finite loss at step {step_no} in {', '.join(bad)}",
+                      file=sys.stderr)
+            for i, n in enumerate(names):
+                row = {"step": step_no, "variant": n, **{k: float(v[i]) for k, v in host.items()}}
+                log_rows.append(row)
+                curves[n].append((step_no, float(host["total"][i])))
+        bar.update(1)
+    jax.block_until_ready(many)
+    train_s = time.perf_counter() - t0
+    bar.close()
+    final_train = {n: {k: v for k, v in log_rows[-n_var + i].items() if k not in ("step", "variant")}
+                   for i, n in enumerate(names)}
+
+    # ---- evaluation of each variant's final weights
+    eval_fn = jax.jit(lambda v, b: eval_outputs(v, b, model=model, prep=prep,
+                                                eval_key=jax.random.key_data(jax.random.key(EVAL_SEED))))
+    results = {}
+    host_many = jax.device_get(many)
+    for i, n in enumerate(names):
+        variables = ablation.variant_state(host_many, i).variables()
+        results[n] = {"weights": {k: float(v) for k, v in variants[n].weights().items()},
+                      "train": final_train[n],
+                      **{split: _summary_metrics(evaluate_split(eval_fn, variables, data[split], cfg))
+                         for split in ("validation", "test")}}
+        print(f"loss_ablation: {n}: test slice accuracy {results[n]['test']['slice_accuracy']:.4f}, "
+              f"Dice/volume {results[n]['test']['dice_volume_mean']:.4f}", file=sys.stderr, flush=True)
+    return {"config": json.loads(configs.to_json(cfg)), "config_arg": args.config, "variants": names, "speed": speed, "results": results,
+            "train_wall_s": round(train_s, 1), "curves": curves, "log_rows": log_rows,
+            "n_patients": {s: len(set(d.patients)) for s, d in data.items()},
+            "n_slices": {s: len(d.records) for s, d in data.items()}}
+
+
+def render(res: dict, command: str, machine: str, wall_s: float) -> str:
+    sp = res["speed"]
+    cfg = res["config"]
+    lines = [
+        "# DL-VAE-CNN loss ablation (variants trained at once with vmap)", "",
+        f"Produced by `{command}` on {machine}; wall time {wall_s / 60:.1f} min "
+        f"(training {res['train_wall_s'] / 60:.1f} min).", "",
+        f"- Model: `dlvae_cnn` from the `{res['config_arg']}` config at {cfg['data']['image_size']}x"
+        f"{cfg['data']['image_size']}, batch {cfg['train']['batch_size']}, {cfg['train']['steps']} steps, seed "
+        f"{cfg['train']['seed']}; every variant starts from the same weights and sees the same batches.",
+        f"- Patients (slices): train {res['n_patients']['train']} ({res['n_slices']['train']}), validation "
+        f"{res['n_patients']['validation']} ({res['n_slices']['validation']}), test {res['n_patients']['test']} "
+        f"({res['n_slices']['test']}); split seed {cfg['data']['split_seed']}.",
+        "- Figures are from each variant's final weights, one seed: differences of a few points between "
+        "variants are within what another seed could change (see the spread over seeds in tables.md).", "",
+        "## Speed: vmap against one variant after another", "",
+        "| | s per step (all variants) | variant-slices/s | compile (s) |", "|---|---|---|---|",
+        f"| vmap, one jit | {sp['vmap_step_s']:.2f} | {sp['vmap_variant_slices_per_s']:.1f} | {sp['vmap_compile_s']:.1f} |",
+        f"| sequential, same jitted step | {sp['sequential_step_s']:.2f} | "
+        f"{sp['sequential_variant_slices_per_s']:.1f} | {sp['sequential_compile_s']:.1f} |", "",
+        f"**vmap / sequential speed: {sp['speedup']:.2f}x** for {sp['variants']} variants "
+        f"({sp['timed_steps']} timed steps each way, same batches, in the same run).", "",
+        "## Results", "",
+        "| Variant | KL | rec | cos | latent cls | final train loss | KL term | val acc | val Dice/vol | "
+        "test acc | test F1 | test Dice/vol | test IoU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in res["variants"]:
+        r = res["results"][n]
+        w, t, v, te = r["weights"], r["train"], r["validation"], r["test"]
+        lines.append(
+            f"| {n} | {w['kl']:g} | {w['reconstruction']:g} | {w['cosine']:g} | {w['latent_classification']:g} | "
+            f"{t['total']:.3f} | {t.get('kl', float('nan')):.3f} | {v['slice_accuracy']:.3f} | "
+            f"{v['dice_volume_mean']:.3f} | {te['slice_accuracy']:.3f} | {te['slice_f1']:.3f} | "
+            f"{te['dice_volume_mean']:.3f} | {te['iou_mean']:.3f} |")
+    lines += ["", "![ablation](loss_ablation.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dlvae_jax.io import atomic_path
+
+    names = res["variants"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    x = np.arange(len(names))
+    a1.bar(x - 0.2, [res["results"][n]["test"]["dice_volume_mean"] for n in names], 0.4, label="test Dice/volume")
+    a1.bar(x + 0.2, [res["results"][n]["test"]["slice_accuracy"] for n in names], 0.4, label="test slice accuracy")
+    a1.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
+    a1.set_ylim(0, 1)
+    a1.legend(fontsize=7)
+    a1.set_title("final weights on the test patients", fontsize=9)
+    for n in names:
+        pts = res["curves"][n]
+        a2.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=n)
+    a2.set_yscale("log")
+    a2.set_xlabel("step")
+    a2.set_title("training loss (weighted total)", fontsize=9)
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    import jax
+
+    from dlvae_jax import signals
+    from dlvae_jax.errors import DlvaeError
+    from dlvae_jax.io import write_json, write_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tables import _machine, _shown_path
+
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    with signals.handle_signals():
+        try:
+            res = run(args)
+        except DlvaeError as err:
+            print(f"loss_ablation: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            print("loss_ablation: interrupted; nothing written", file=sys.stderr)
+            if signals.received() is not None:
+                signals.exit_now(getattr(err, "exit_code", 130))
+            return 130
+    wall = time.perf_counter() - t0
+    argv_shown = ["--data-dir", _shown_path(args.data_dir), "--steps", str(args.steps), "--seed", str(args.seed)]
+    if args.config != "cpu":
+        argv_shown += ["--config", args.config]
+    for s in args.set or []:
+        argv_shown += ["--set", s]
+    argv_shown += ["--out", _shown_path(args.out)]
+    command = " ".join(["python", "experiments/loss_ablation.py"] + argv_shown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_rows = res.pop("log_rows")
+    write_text(args.out / "loss_ablation_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
+    write_json(args.out / "loss_ablation.json", dict(res, command=command, machine=_machine(),
+                                                     wall_s=round(wall, 1), jax=jax.__version__))
+    write_text(args.out / "loss_ablation.md", render(res, command, _machine(), wall))
+    plot(res, args.out / "loss_ablation.png")
+    print(f"loss_ablation: wrote {args.out / 'loss_ablation.md'} (vmap {res['speed']['speedup']:.2f}x sequential)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
