@@ -356,3 +356,28 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     loss = lambda out: [float(l.split()[2]) for l in out.splitlines() if l.startswith("DONE")]
     losses = loss(outs[0][0]) + loss(outs[1][0]) + loss(one.stdout)
     assert len(losses) == 3 and max(losses) - min(losses) <= 1e-5, losses
+
+
+@pytest.mark.parametrize("runner", ["jit", "shard_map", "pmap"])
+def test_each_runner_traces_its_step_once_when_fed_its_own_output(runner):
+    """The state a step returns goes straight back in: its layout must match
+    the one put_state made, or every run compiles the step a second time."""
+    import jax
+
+    from dlvae_jax.train.runners import make_runner
+
+    traced = []
+
+    def step(state, batch, axis_name=None):
+        traced.append(1)
+        g = batch["x"].sum()
+        if axis_name is not None:
+            g = jax.lax.psum(g, axis_name)
+        return {"w": state["w"] + g, "n": state["n"] + 1}, {"g": g}
+
+    r = make_runner(runner, step, lambda v, b: b)
+    st = r.put_state({"w": np.zeros(3, np.float32), "n": np.zeros((), np.int32)})
+    for _ in range(3):
+        st, m = r.step(st, r.put_batch({"x": np.ones((len(jax.devices()) * 2, 2), np.float32)}))
+    assert float(jax.device_get(r.get_state(st))["w"][0]) == 3 * 4 * len(jax.devices())
+    assert len(traced) == 1, f"{runner}: the step was traced {len(traced)} times"

@@ -142,8 +142,10 @@ class PmapRunner(Runner):
         return jax.pmap(eval_fn, axis_name=AXIS)
 
     def _stacked(self, x: np.ndarray):
-        """[devices, ...] host array -> one slice per local device (pmap's input layout)."""
-        return jax.device_put(x, NamedSharding(Mesh(np.asarray(self.devices), ("local",)), P("local")))
+        """[devices, ...] host array -> one slice per local device, laid out as
+        pmap with axis AXIS returns its outputs: the state fed back from one
+        step to the next then keeps one layout, and the step compiles once."""
+        return jax.device_put(x, NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS)))
 
     def _replicate(self, tree):
         n = len(self.devices)
