@@ -51,7 +51,7 @@ def test_vmapped_variants_equal_each_variant_trained_alone(opt):
                      optax.sgd(0.01) if opt == "sgd" else optax.adamw(1e-3, eps=1e-4, weight_decay=1e-4))
     prep, augment = PrepConfig(image_size=S, n_init=1), AugmentConfig()
     base = LossConfig(kl_warmup_steps=2)
-    variants = [base, base.replace(kl=0.0), base.replace(cosine=0.0), base.replace(kl=3.0)]
+    variants = [base, base.replace(cosine=0.0), base.replace(kl=3.0)]
     state0 = jax.device_get(create_state(model, tx, jax.random.key(3), example_inputs(2, S, 1)))
     batches = _batches(3)
 
@@ -78,8 +78,8 @@ def test_vmapped_variants_equal_each_variant_trained_alone(opt):
         assert int(got.step) == len(batches)
         assert _max_diff((got.params, got.batch_stats), (ref.params, ref.batch_stats)) <= tol, i
         assert abs(float(metrics["total"][i]) - total) <= 1e-4 * max(1.0, abs(total)), i
-    # The variants really differ: removing KL or changing its weight moves the weights.
-    for i in (1, 3):
+    # The variants really differ: removing a term or changing a weight moves the weights.
+    for i in (1, 2):
         assert _max_diff(alone[i][0].params, alone[0][0].params) > 1e-4
 
 
