@@ -381,3 +381,22 @@ def test_each_runner_traces_its_step_once_when_fed_its_own_output(runner):
         st, m = r.step(st, r.put_batch({"x": np.ones((len(jax.devices()) * 2, 2), np.float32)}))
     assert float(jax.device_get(r.get_state(st))["w"][0]) == 3 * 4 * len(jax.devices())
     assert len(traced) == 1, f"{runner}: the step was traced {len(traced)} times"
+
+
+def test_a_classifier_keeps_its_best_checkpoint_by_slice_f1(tmp_path):
+    """A classifier's masks are empty, so its validation Dice never moves; its
+    best checkpoint is chosen by slice F1 instead."""
+    from dlvae_jax.models.registry import MODELS
+    from dlvae_jax.train.checkpoint import Checkpoints, best_metric
+
+    assert {n: best_metric(MODELS[n].outputs_mask) for n in MODELS} == {
+        "dlvae_cnn": "dice_volume_mean", "unet": "dice_volume_mean",
+        "cnn": "slice_f1", "vgg16": "slice_f1", "dcnn": "slice_f1"}
+    ckpt = Checkpoints(tmp_path, keep=2, async_save=False, metric="slice_f1")
+    state = {"w": np.zeros(2, np.float32)}
+    saved = [ckpt.save_best(step, state, {"pos": step}, {"dice_volume_mean": 0.0, "slice_f1": f1})
+             for step, f1 in ((1, 0.5), (2, 0.7), (3, 0.6))]
+    assert saved == [True, True, False]
+    assert ckpt.best.latest_step() == 2 and ckpt.best_value == 0.7
+    ckpt.close()
+    assert Checkpoints(tmp_path, metric="slice_f1").best_value == 0.7  # read back on resume

@@ -37,6 +37,7 @@ class CNNBaseline(nn.Module):
     dropout -> Dense(2). No normalization by default (as in [25])."""
 
     description: ClassVar[str] = "plain conv/pool CNN classifier after Mahjoubi et al. [25]; class"  # shown by `dlvae-jax models`
+    outputs_mask: ClassVar[bool] = False  # `mask_logits_BxHxW` among the outputs
 
     features: int = 32
     blocks: int = 4
@@ -73,6 +74,7 @@ class VGG16(nn.Module):
     """
 
     description: ClassVar[str] = "VGG16 conv stack (13 convs, batch norm, GAP head) after Alshammari [26]; class"  # shown by `dlvae-jax models`
+    outputs_mask: ClassVar[bool] = False  # `mask_logits_BxHxW` among the outputs
 
     features: int = 64
     hidden: int = 256
@@ -130,6 +132,7 @@ class DCNN(nn.Module):
     resolution, then global average pooling -> Dense(2)."""
 
     description: ClassVar[str] = "deeper residual CNN after Alzubaidi et al. [27]; class"  # shown by `dlvae-jax models`
+    outputs_mask: ClassVar[bool] = False  # `mask_logits_BxHxW` among the outputs
 
     features: int = 32
     blocks_per_stage: int = 2
@@ -164,6 +167,7 @@ class UNet(nn.Module):
     """
 
     description: ClassVar[str] = "U-Net of Buda et al. (32 features, 4 levels, batch norm) + GAP class head; class + mask"  # shown by `dlvae-jax models`
+    outputs_mask: ClassVar[bool] = True  # `mask_logits_BxHxW` among the outputs
 
     features: int = 32
     levels: int = 4

@@ -99,6 +99,7 @@ class DLVAECNN(nn.Module):
     """
 
     description: ClassVar[str] = "dual-view conditional VAE + FiLM-conditioned U-Net CNN (Rao et al.); class + mask"  # shown by `dlvae-jax models`
+    outputs_mask: ClassVar[bool] = True  # `mask_logits_BxHxW` among the outputs
 
     num_clusters: int = 4
     specific_dim: int = 32

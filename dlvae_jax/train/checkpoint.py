@@ -3,7 +3,8 @@
 Layout under `<workdir>/checkpoints/`:
 
     latest/<step>/  the newest `keep` saves (asynchronous), for resuming
-    best/<step>/    the one save with the highest validation `dice_volume_mean`
+    best/<step>/    the one save with the highest validation score: `dice_volume_mean`
+                    for models with a mask output, `slice_f1` for classifiers
 
 Each save holds `state` (the `TrainState` pytree), `data` (the grain iterator
 state of the last batch the step consumed, JSON) and `meta` (step, metrics).
@@ -21,7 +22,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-BEST_METRIC = "dice_volume_mean"
+BEST_METRIC = "dice_volume_mean"  # models with a mask output
+CLASSIFIER_METRIC = "slice_f1"   # models without one (their Dice is constant)
+
+
+def best_metric(outputs_mask: bool) -> str:
+    """The validation metric that picks the best checkpoint of a model."""
+    return BEST_METRIC if outputs_mask else CLASSIFIER_METRIC
 
 
 class CheckpointWarning(UserWarning):
@@ -32,7 +39,7 @@ def _manager(directory: Path, keep: int, async_save: bool, best: bool) -> ocp.Ch
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
-        best_fn=(lambda meta: float(meta[BEST_METRIC])) if best else None,
+        best_fn=(lambda meta: float(meta.get("score", meta.get(BEST_METRIC, float("-inf"))))) if best else None,
         best_mode="max",
         create=True,
     )
@@ -40,7 +47,8 @@ def _manager(directory: Path, keep: int, async_save: bool, best: bool) -> ocp.Ch
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True, metric: str = BEST_METRIC):
+        self.metric = metric
         self.root = Path(workdir) / "checkpoints"
         self.latest = _manager(self.root / "latest", keep, async_save, best=False)
         self.best = _manager(self.root / "best", 1, False, best=True)
@@ -52,7 +60,7 @@ class Checkpoints:
             return float("-inf")
         try:
             meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            return float(meta["metrics"][BEST_METRIC])
+            return float(meta["metrics"][self.metric])
         except Exception:  # an unreadable best save is replaced by the next good one
             return float("-inf")
 
@@ -66,12 +74,12 @@ class Checkpoints:
         self.latest.save(step, args=self._args(state, data_state, meta), force=True)
 
     def save_best(self, step: int, state, data_state: dict, metrics: dict) -> bool:
-        """Saves if `metrics[BEST_METRIC]` beats every earlier best; returns whether it did."""
-        value = float(metrics.get(BEST_METRIC, float("nan")))
+        """Saves if `metrics[self.metric]` beats every earlier best; returns whether it did."""
+        value = float(metrics.get(self.metric, float("nan")))
         if not value > self.best_value:
             return False
-        meta = {"step": int(step), "metrics": {BEST_METRIC: value, **metrics}}
-        self.best.save(step, args=self._args(state, data_state, meta), metrics={BEST_METRIC: value}, force=True)
+        meta = {"step": int(step), "best_metric": self.metric, "metrics": {self.metric: value, **metrics}}
+        self.best.save(step, args=self._args(state, data_state, meta), metrics={"score": value}, force=True)
         self.best.wait_until_finished()
         self.best_value = value
         return True

@@ -22,6 +22,7 @@ import numpy as np
 from dlvae_jax import configs
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.models import apply_model, example_inputs
+from dlvae_jax.models.registry import MODELS
 from dlvae_jax.train import experiment as ex
 from dlvae_jax.train.checkpoint import Checkpoints
 from dlvae_jax.train.loop import CONFIG_FILE, EVAL_SEED
@@ -39,7 +40,7 @@ class Predictor:
         self.model = ex.model_from_config(cfg)
         self.prep = ex.prep_from_config(cfg)
         self.channels = 3 if cfg.data.channels == "all" else 1
-        self.segments = cfg.model.name in ("dlvae_cnn", "unet")
+        self.segments = MODELS[cfg.model.name].outputs_mask
         self._eval_key = jax.random.key_data(jax.random.key(EVAL_SEED))
         self._predict = jax.jit(functools.partial(eval_outputs, model=self.model, prep=self.prep,
                                                   eval_key=self._eval_key))

@@ -16,7 +16,8 @@ One readable loop around the pure step (`dlvae_jax.train.step`):
    the device does not wait on Python. A NaN or infinite loss stops the run
    with the step and every loss term; the last checkpoint (all finite) stays.
 4. Every `eval_every` steps the validation split is evaluated (Dice per
-   volume etc., `dlvae_jax.metrics`); the best `dice_volume_mean` is kept
+   volume etc., `dlvae_jax.metrics`); the best `dice_volume_mean` (`slice_f1`
+   for a classifier, whose Dice does not change) is kept
    in `checkpoints/best`.
 5. Only process 0 writes logs, plots and the config; Orbax writes checkpoints
    from every process, as it requires.
@@ -45,7 +46,7 @@ from dlvae_jax.errors import DlvaeError
 from dlvae_jax.io import write_json
 from dlvae_jax.models import example_inputs
 from dlvae_jax.train import experiment as ex
-from dlvae_jax.train.checkpoint import Checkpoints, abstract
+from dlvae_jax.train.checkpoint import Checkpoints, abstract, best_metric
 from dlvae_jax.train.runners import make_runner
 from dlvae_jax.train.state import create_state
 from dlvae_jax.train.step import eval_outputs, train_step
@@ -236,7 +237,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     c = train_data.images.shape[-1] if train_data.images.ndim == 4 else 1
     init = example_inputs(2, int(cfg.data.image_size), c)
     state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
-    ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints))
+    ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints), metric=best_metric(type(model).outputs_mask))
     restored = ckpt.restore_latest(abstract(state))
     data_state = None
     if restored is not None:
@@ -332,7 +333,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     elapsed = time.perf_counter() - t0
     summary = {"workdir": str(wd), "steps": total, "resumed_from": start, "seconds": round(elapsed, 1),
                "slices_per_s": round((total - start) * batch_size / max(elapsed, 1e-9), 3),
-               "train": last["train"], "validation": last["eval"], "best_val_dice_volume_mean": ckpt.best_value}
+               "train": last["train"], "validation": last["eval"], "best_metric": ckpt.metric, "best_value": ckpt.best_value}
     if is_main:
         from dlvae_jax.train import plots
         from dlvae_jax.train.evaluate import evaluate
