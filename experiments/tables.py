@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dlvae_jax.errors import DlvaeError
+
 # name in the tables, config, row order as the paper prints its Tables I-IV, our extra rows after
 MODELS = {
     "cnn": ("CNN", "cnn"),
@@ -153,15 +155,43 @@ def measure_speed(model: str, data_dir: Path, split_seed: int, overrides: list[s
             "image_size": int(cfg.data.image_size), "timed_steps": n_steps}
 
 
+def calibration_key(args) -> dict:
+    """What a cell's step count depends on; cells made under another key are not mixed in."""
+    return {"budget_min": args.budget_min, "steps": args.steps, "set": list(args.set or []),
+            "split_seed": args.split_seed}
+
+
+def check_cells(out: Path, calibration: dict, args) -> None:
+    """Refuses finished cells made under other settings; rescores cells scored with another checkpoint."""
+    from dlvae_jax.io import write_json
+
+    key = calibration_key(args)
+    for path in sorted((out / "metrics").glob("*_seed*.json")):
+        rec = json.loads(path.read_text())
+        model = rec.get("model")
+        if model not in MODELS and model != KMEANS:
+            raise DlvaeError(f"{path}: not a cell of this script (model {model!r})")
+        stale = rec.get("budget_key", key) != key or (
+            model in MODELS and model in calibration and int(rec.get("steps", -1)) != int(calibration[model]["steps"]))
+        if stale:
+            raise DlvaeError(f"{path}: a cell made with other settings (budget, --set or split seed); use another "
+                             "--out and --runs, or delete the old cells")
+        if model in MODELS and not rec.get("failed") and rec["test"].get("checkpoint") != scored_checkpoint(model):
+            print(f"tables: {path.name}: scoring the {scored_checkpoint(model)!r} checkpoint", file=sys.stderr)
+            write_json(path, rescore(path, rec, args))
+
+
 def calibrate(models: list[str], args, out: Path) -> dict[str, dict]:
     """{model: speed record with 'steps'}; read from calibration.json when it matches this run."""
     from dlvae_jax.io import write_json
 
     path = out / "calibration.json"
     known = json.loads(path.read_text()) if path.exists() else {}
-    key = {"budget_min": args.budget_min, "steps": args.steps, "set": list(args.set or []),
-           "split_seed": args.split_seed}
+    key = calibration_key(args)
     if known.get("key") != key:
+        if any((out / "metrics").glob("*_seed*.json")):
+            raise DlvaeError(f"{out}: holds cells made with other settings ({known.get('key')}); use another "
+                             "--out and --runs, or delete the old cells")
         known = {"key": key, "models": {}}
     for model in models:
         if model in known["models"]:
@@ -182,6 +212,15 @@ def calibrate(models: list[str], args, out: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- cells
 
 
+def scored_checkpoint(model: str) -> str:
+    """Which checkpoint of a cell is scored on the test split: a model with a mask
+    output keeps its best by validation Dice per volume; a classifier (`cnn`,
+    `vgg16`, `dcnn`, always-empty masks) is scored with its final weights."""
+    from dlvae_jax.models.registry import MODELS as REGISTRY
+
+    return "best" if REGISTRY[model].outputs_mask else "latest"
+
+
 def run_cell(model: str, seed: int, steps: int, args) -> dict:
     from dlvae_jax.train.evaluate import evaluate
     from dlvae_jax.train.loop import train
@@ -191,9 +230,22 @@ def run_cell(model: str, seed: int, steps: int, args) -> dict:
     t0 = time.perf_counter()
     summary = train(cfg, workdir, progress=sys.stderr.isatty() and not args.quiet)
     train_s = time.perf_counter() - t0
-    report = evaluate(workdir, split="test", checkpoint="best", n_overlays=4)
+    report = evaluate(workdir, split="test", checkpoint=scored_checkpoint(model), n_overlays=4)
     return {"model": model, "seed": seed, "steps": steps, "train": summary, "train_wall_s": round(train_s, 1),
-            "test": report, "config": json.loads(_config_json(cfg))}
+            "resumed_from": int(summary.get("resumed_from", 0)), "test": report,
+            "config": json.loads(_config_json(cfg))}
+
+
+def rescore(path: Path, rec: dict, args) -> dict:
+    """Scores a finished cell again with the checkpoint `scored_checkpoint` names (no training)."""
+    from dlvae_jax.train.evaluate import evaluate
+
+    workdir = args.runs / f"{rec['model']}_seed{rec['seed']}"
+    if not workdir.is_dir():
+        raise DlvaeError(f"{path}: scored with the {rec['test'].get('checkpoint')!r} checkpoint, and its run "
+                         f"{workdir} is gone; delete the file to train the cell again")
+    rec = dict(rec, test=evaluate(workdir, split="test", checkpoint=scored_checkpoint(rec["model"]), n_overlays=4))
+    return rec
 
 
 def _config_json(cfg) -> str:
@@ -211,8 +263,11 @@ def run_kmeans(seed: int, args) -> dict:
     from dlvae_jax.data import lgg
     from dlvae_jax.data.splits import make_splits, records_for_split
 
+    from dlvae_jax import configs
+
+    cfg = configs.load(MODELS["unet"][1], list(args.set or []))  # the split fields every cell shares
     index = lgg.scan(args.data_dir)
-    splits = make_splits(index, int(args.split_seed), (0.7, 0.15, 0.15))
+    splits = make_splits(index, int(args.split_seed), tuple(float(f) for f in cfg.data.fractions))
     records = records_for_split(index, splits, "test")
     key = jax.random.key(int(seed))
     acc = metrics.SegmentationAccumulator()
@@ -228,6 +283,7 @@ def run_kmeans(seed: int, args) -> dict:
     from dlvae_jax.train.evaluate import json_safe
 
     report = json_safe(acc.report())
+    report["split"], report["checkpoint"] = "test", None
     return {"model": KMEANS, "seed": seed, "steps": 0, "train_wall_s": 0.0, "test": report,
             "kmeans_wall_s": round(time.perf_counter() - t0, 1), "settings": {"k": 4, "n_init": 10}}
 
@@ -255,17 +311,34 @@ def load_cells(out: Path) -> dict[str, dict[int, dict]]:
     return cells
 
 
+def _value(rec: dict, key: str) -> float | None:
+    v = rec.get("test", {}).get(key)
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
 def _values(cells: dict[int, dict], key: str) -> list[float]:
-    vals = [cells[s]["test"].get(key) for s in sorted(cells)]
-    return [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+    """The finite values of `key` over the finished seeds (a failed cell has none)."""
+    return [v for v in (_value(cells[s], key) for s in sorted(cells)) if v is not None]
+
+
+def _per_seed(cells: dict[int, dict], seeds: list[int], key: str, scale: float, digits: int) -> str:
+    out = []
+    for s in seeds:
+        rec = cells.get(s)
+        v = None if rec is None else _value(rec, key)
+        out.append(f"{s}: " + ("failed" if rec is not None and rec.get("failed") else
+                               "n/a" if v is None else f"{v * scale:.{digits}f}"))
+    return ", ".join(out)
 
 
 def _mean_sd(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
     if not vals:
         return "n/a"
     m = float(np.mean(vals)) * scale
-    sd = float(np.std(vals, ddof=1)) * scale if len(vals) > 1 else 0.0
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+    if len(vals) < 2:
+        return f"{m:.{digits}f} (n = 1)"
+    sd = float(np.std(vals, ddof=1)) * scale
+    return f"{m:.{digits}f} ± {sd:.{digits}f} (n = {len(vals)})"
 
 
 def render(out: Path, order: list[str], meta: dict) -> str:
@@ -275,16 +348,21 @@ def render(out: Path, order: list[str], meta: dict) -> str:
     seeds = sorted({s for c in cells.values() for s in c})
     lines = ["# Tables I-IV of Rao et al., measured", "",
              f"Produced by `{meta['command']}`.", ""]
-    any_cell = next((c[s] for c in cells.values() for s in c), None)
-    if any_cell is not None:
-        t = any_cell["test"]
+    scored = [c[s] for c in cells.values() for s in c if c[s].get("test", {}).get("n_slices")]
+    test_sets = {tuple(sorted(p["patient"] for p in rec["test"].get("per_patient", []))) for rec in scored}
+    if len(test_sets) > 1:
+        lines += ["**Warning: the cells were not all scored on the same test patients.**", ""]
+    if scored:
+        t = scored[0]["test"]
         lines += [f"- Test split: {t['n_patients']} held-out patients, {t['n_slices']} slices "
                   f"({t['n_tumor_slices']} with tumor), split seed {meta['split_seed']}; "
                   f"data `{meta['data_dir']}` ({meta['n_patients_total']} patients in all)."]
     lines += [f"- Seeds: {', '.join(map(str, seeds)) or 'none yet'}. Figures are mean ± standard deviation "
               "over seeds (sample sd), then each seed's value.",
-              f"- Budget: {meta['budget']} of training per cell, the same for every model (see the step counts "
-              "below); each keeps its best checkpoint by validation Dice per volume.",
+              f"- Budget: {meta['budget']}.",
+              "- Checkpoints: DL-VAE-CNN and U-Net are scored with their best checkpoint by validation Dice per "
+              "volume (validation at half and at the end of training); the classifiers CNN, VGG16-CNN and DCNN, "
+              "whose masks are empty, with their final weights.",
               f"- Machine: {meta['machine']}; wall time of the cells so far: {meta['wall']}.",
               "- Slice metrics: a slice is 'tumor' when the model's class head says so (probability >= 0.5); "
               "for the K-means ROI, when its ROI is not empty. The paper does not say whether its figures are "
@@ -292,11 +370,11 @@ def render(out: Path, order: list[str], meta: dict) -> str:
               "published, not as a like-for-like comparison.", ""]
     for metric, key, roman, fig in CLASS_METRICS:
         lines += [f"## Table {roman}: {metric} (%)", "",
-                  "| Method | ours, mean ± sd | per seed | paper |", "|---|---|---|---|"]
+                  "| Method | ours, mean ± sd (n seeds) | seed: value | paper |", "|---|---|---|---|"]
         for m in order:
             c = cells.get(m, {})
             vals = _values(c, key)
-            per = ", ".join(f"{v * 100:.2f}" for v in vals) or "n/a"
+            per = _per_seed(c, seeds, key, 100, 2)
             paper = PAPER_PERCENT[metric].get(title(m) if m != "dlvae_cnn" else "DL-VAE-CNN")
             paper_s = f"{paper:.2f}" if paper is not None else "not reported"
             lines.append(f"| {title(m)} | {_mean_sd(vals, 100)} | {per} | {paper_s} |")
@@ -311,9 +389,12 @@ def render(out: Path, order: list[str], meta: dict) -> str:
             continue
         row = [f"{_mean_sd(_values(c, key), 1, 2 if key == 'hd95_mean' else 3)}" for _, key, _ in SEG_METRICS]
         lines.append(f"| {title(m)} | " + " | ".join(row) + " |")
-    lines += ["", "![segmentation](segmentation.png)", "", "## Training per cell", "",
+    lines += ["", "![segmentation](segmentation.png)", "", "## Training per cell", ""]
+    if any(c[s].get("resumed_from") for c in cells.values() for s in c):
+        lines += ["Cells resumed after an interruption count only their resumed part in the wall time.", ""]
+    lines += [
               "| Method | steps | batch | train slices/s (measured) | train wall per cell (min, mean) | "
-              "best checkpoint step(s) |", "|---|---|---|---|---|---|"]
+              "scored checkpoint step per seed |", "|---|---|---|---|---|---|"]
     for m in order:
         c = cells.get(m, {})
         if not c or m == KMEANS:
@@ -321,8 +402,8 @@ def render(out: Path, order: list[str], meta: dict) -> str:
         first = c[min(c)]
         cal = meta["calibration"].get(m, {})
         rate = cal.get("slices_per_s")
-        walls = [c[s]["train_wall_s"] / 60 for s in sorted(c)]
-        best = ", ".join(str(c[s]["test"].get("checkpoint_step")) for s in sorted(c))
+        walls = [c[s].get("train_wall_s", 0.0) / 60 for s in sorted(c)]
+        best = ", ".join(str(c[s]["test"].get("checkpoint_step", "failed")) for s in sorted(c))
         lines.append(f"| {title(m)} | {first['steps']} | {first['config']['train']['batch_size']} | "
                      f"{'n/a' if rate is None else f'{rate:.1f}'} | {np.mean(walls):.1f} | {best} |")
     return "\n".join(lines) + "\n"
@@ -406,7 +487,10 @@ def write_outputs(out: Path, order: list[str], args, calibration: dict, n_patien
 
     cells = load_cells(out)
     wall = sum(c.get("cell_wall_s", 0.0) for m in cells.values() for c in m.values())
-    budget = f"{args.steps} steps" if args.steps else f"{args.budget_min:g} min"
+    budget = (f"a fixed {args.steps} steps per cell for every model" if args.steps else
+              f"{args.budget_min:g} min of training per cell for every model, turned into a step count from each "
+              "model's train-step speed measured on this machine at the start (compile, data loading, validation "
+              "and checkpoints not counted, so wall times per cell differ somewhat; see the last table)")
     meta = {"command": " ".join(["python", "experiments/tables.py"] + _shown_argv(args)),
             "split_seed": args.split_seed, "data_dir": _shown_path(args.data_dir), "n_patients_total": n_patients,
             "budget": budget, "machine": _machine(), "wall": _fmt_wall(wall), "calibration": calibration}
@@ -424,6 +508,10 @@ def _shown_path(p: Path) -> str:
 def _shown_argv(args) -> list[str]:
     argv = ["--data-dir", _shown_path(args.data_dir), "--seeds", str(args.seeds), "--out", _shown_path(args.out)]
     argv += ["--steps", str(args.steps)] if args.steps else ["--budget-min", f"{args.budget_min:g}"]
+    if args.split_seed:
+        argv += ["--split-seed", str(args.split_seed)]
+    if args.runs != Path("workdir/tables"):
+        argv += ["--runs", _shown_path(args.runs)]
     if args.models != list(MODELS) + [KMEANS]:
         argv += ["--models", ",".join(args.models)]
     for s in args.set or []:
@@ -464,8 +552,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from dlvae_jax import outdir, signals
     from dlvae_jax.data import lgg
-    from dlvae_jax.errors import DlvaeError
     from dlvae_jax.io import write_json
+    from dlvae_jax.train.evaluate import json_safe
+    from dlvae_jax.train.loop import NonFiniteLoss
 
     args = parse_args(argv)
     order = [m for m in list(MODELS) + [KMEANS] if m in args.models]
@@ -476,6 +565,7 @@ def main(argv=None) -> int:
                 n_patients = len(lgg.scan(args.data_dir).patients)
                 learned = [m for m in order if m != KMEANS]
                 calibration = calibrate(learned, args, out)
+                check_cells(out, calibration, args)
                 for seed in range(args.seeds):
                     for model in order:
                         path = out / "metrics" / f"{model}_seed{seed}.json"
@@ -486,12 +576,19 @@ def main(argv=None) -> int:
                         if model == KMEANS:
                             rec = run_kmeans(seed, args)
                         else:
-                            rec = run_cell(model, seed, int(calibration[model]["steps"]), args)
+                            try:
+                                rec = run_cell(model, seed, int(calibration[model]["steps"]), args)
+                            except NonFiniteLoss as err:  # deterministic for the seed: recorded, not retried
+                                print(f"tables: {title(model)}, seed {seed} failed: {err}", file=sys.stderr)
+                                rec = {"model": model, "seed": seed, "steps": int(calibration[model]["steps"]),
+                                       "failed": str(err), "test": {}, "train_wall_s": 0.0}
                         rec["cell_wall_s"] = round(time.perf_counter() - t0, 1)
+                        rec["budget_key"] = calibration_key(args)
                         rec["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                        write_json(path, json.loads(json.dumps(rec, default=_json_default)))
+                        write_json(path, json_safe(json.loads(json.dumps(rec, default=_json_default))))
                         t = rec["test"]
                         line = {"model": model, "seed": seed, "steps": rec["steps"], "wall_s": rec["cell_wall_s"],
+                                "failed": bool(rec.get("failed")),
                                 **{k: _finite(t.get(k)) for _, k, _, _ in CLASS_METRICS},
                                 "dice_volume_mean": _finite(t.get("dice_volume_mean"))}
                         with open(out / "log.jsonl", "a") as log:
