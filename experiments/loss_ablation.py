@@ -171,6 +171,7 @@ def run(args) -> dict:
     log_every = max(1, args.steps // 50)
     curves: dict[str, list] = {n: [] for n in names}
     log_rows = []
+    nonfinite: dict[str, int] = {}  # variant -> first logged step with a non-finite loss or weights
     bar = tqdm(total=args.steps, desc="ablation", unit="step", disable=args.quiet or not sys.stderr.isatty(),
                file=sys.stderr)
     t0 = time.perf_counter()
@@ -178,10 +179,12 @@ def run(args) -> dict:
         many, metrics = vstep(many, next(it), losses)
         if step_no % log_every == 0 or step_no == args.steps:
             host = jax.device_get(metrics)
-            if not np.all(np.isfinite(host["total"])):
-                bad = [names[i] for i in np.flatnonzero(~np.isfinite(host["total"]))]
-                print(f"loss_ablation: warning: non-finite loss at step {step_no} in {', '.join(bad)}",
-                      file=sys.stderr)
+            bad = [names[i] for i in np.flatnonzero(~np.isfinite(host["total"]) | (host["params_finite"] < 1))]
+            for n in bad:
+                if n not in nonfinite:
+                    nonfinite[n] = step_no
+                    print(f"loss_ablation: warning: {n}: non-finite loss or weights at step {step_no}",
+                          file=sys.stderr)
             for i, n in enumerate(names):
                 row = {"step": step_no, "variant": n, **{k: float(v[i]) for k, v in host.items()}}
                 log_rows.append(row)
@@ -201,7 +204,7 @@ def run(args) -> dict:
     for i, n in enumerate(names):
         variables = ablation.variant_state(host_many, i).variables()
         results[n] = {"weights": {k: float(v) for k, v in variants[n].weights().items()},
-                      "train": final_train[n],
+                      "train": final_train[n], "non_finite_at": nonfinite.get(n),
                       **{split: _summary_metrics(evaluate_split(eval_fn, variables, data[split], cfg))
                          for split in ("validation", "test")}}
         print(f"loss_ablation: {n}: test slice accuracy {results[n]['test']['slice_accuracy']:.4f}, "
@@ -242,8 +245,9 @@ def render(res: dict, command: str, machine: str, wall_s: float) -> str:
     for n in res["variants"]:
         r = res["results"][n]
         w, t, v, te = r["weights"], r["train"], r["validation"], r["test"]
+        label = n if r.get("non_finite_at") is None else f"{n} (**non-finite from step {r['non_finite_at']}**)"
         lines.append(
-            f"| {n} | {w['kl']:g} | {w['reconstruction']:g} | {w['cosine']:g} | {w['latent_classification']:g} | "
+            f"| {label} | {w['kl']:g} | {w['reconstruction']:g} | {w['cosine']:g} | {w['latent_classification']:g} | "
             f"{t['total']:.3f} | {t.get('kl', float('nan')):.3f} | {v['slice_accuracy']:.3f} | "
             f"{v['dice_volume_mean']:.3f} | {te['slice_accuracy']:.3f} | {te['slice_f1']:.3f} | "
             f"{te['dice_volume_mean']:.3f} | {te['iou_mean']:.3f} |")
@@ -281,21 +285,49 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _command(args) -> str:
+    from tables import _shown_path
+
+    argv = ["--data-dir", _shown_path(args.data_dir), "--steps", str(args.steps), "--seed", str(args.seed)]
+    if args.config != "cpu":
+        argv += ["--config", args.config]
+    if args.kl_sweep != [0.1, 0.3, 3.0, 10.0]:
+        argv += ["--kl-sweep", ",".join(f"{x:g}" for x in args.kl_sweep)]
+    if args.timing_steps != 5:
+        argv += ["--timing-steps", str(args.timing_steps)]
+    for s in args.set or []:
+        argv += ["--set", s]
+    argv += ["--out", _shown_path(args.out)]
+    return " ".join(["python", "experiments/loss_ablation.py"] + argv)
+
+
 def main(argv=None) -> int:
     import jax
 
-    from dlvae_jax import signals
+    from dlvae_jax import outdir, signals
     from dlvae_jax.errors import DlvaeError
     from dlvae_jax.io import write_json, write_text
+    from dlvae_jax.train.evaluate import json_safe
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tables import _machine, _shown_path
+    from tables import _machine
 
     args = parse_args(argv)
     t0 = time.perf_counter()
     with signals.handle_signals():
         try:
-            res = run(args)
+            # The results folder is shared with experiments/tables.py: same marker rules, and
+            # its lock, taken before any work, keeps one writer (and one CPU hog) at a time.
+            with outdir.run_folder(args.out, "loss_ablation", accept=("tables",), inputs=[args.data_dir]) as out:
+                res = run(args)
+                wall = time.perf_counter() - t0
+                command = _command(args)
+                log_rows = res.pop("log_rows")
+                write_text(out / "loss_ablation_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
+                write_json(out / "loss_ablation.json", json_safe(dict(res, command=command, machine=_machine(),
+                                                                       wall_s=round(wall, 1), jax=jax.__version__)))
+                write_text(out / "loss_ablation.md", render(res, command, _machine(), wall))
+                plot(res, out / "loss_ablation.png")
         except DlvaeError as err:
             print(f"loss_ablation: error: {err}", file=sys.stderr)
             return 2
@@ -304,21 +336,6 @@ def main(argv=None) -> int:
             if signals.received() is not None:
                 signals.exit_now(getattr(err, "exit_code", 130))
             return 130
-    wall = time.perf_counter() - t0
-    argv_shown = ["--data-dir", _shown_path(args.data_dir), "--steps", str(args.steps), "--seed", str(args.seed)]
-    if args.config != "cpu":
-        argv_shown += ["--config", args.config]
-    for s in args.set or []:
-        argv_shown += ["--set", s]
-    argv_shown += ["--out", _shown_path(args.out)]
-    command = " ".join(["python", "experiments/loss_ablation.py"] + argv_shown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_rows = res.pop("log_rows")
-    write_text(args.out / "loss_ablation_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
-    write_json(args.out / "loss_ablation.json", dict(res, command=command, machine=_machine(),
-                                                     wall_s=round(wall, 1), jax=jax.__version__))
-    write_text(args.out / "loss_ablation.md", render(res, command, _machine(), wall))
-    plot(res, args.out / "loss_ablation.png")
     print(f"loss_ablation: wrote {args.out / 'loss_ablation.md'} (vmap {res['speed']['speedup']:.2f}x sequential)")
     return 0
 

@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     order = [m for m in list(MODELS) + [KMEANS] if m in args.models]
     with signals.handle_signals():
         try:
-            with outdir.run_folder(args.out, "tables", inputs=[args.data_dir]) as out:
+            with outdir.run_folder(args.out, "tables", accept=("loss_ablation",), inputs=[args.data_dir]) as out:
                 (out / "metrics").mkdir(exist_ok=True)
                 n_patients = len(lgg.scan(args.data_dir).patients)
                 learned = [m for m in order if m != KMEANS]

@@ -83,9 +83,9 @@ def loss_variants(base: LossConfig, kl_sweep: Sequence[float] = (0.1, 0.3, 3.0, 
              "latent_classification": "no latent classifier (Eq. 9)"}
     for term in w:
         out[names[term]] = base.replace(**{term: 0.0})
-    for beta in kl_sweep:
-        if beta != base.kl:
-            out[f"KL weight {beta:g}"] = base.replace(kl=float(beta))
+    for beta in sorted(set(float(b) for b in kl_sweep)):
+        if beta not in (0.0, float(base.kl)):  # 0 is "no KL", base.kl is "full"
+            out[f"KL weight {beta:g}"] = base.replace(kl=beta)
     return out
 
 
