@@ -379,6 +379,7 @@ def render(out: Path, order: list[str], meta: dict) -> str:
             paper_s = f"{paper:.2f}" if paper is not None else "not reported"
             lines.append(f"| {title(m)} | {_mean_sd(vals, 100)} | {per} | {paper_s} |")
         lines += ["", f"![Fig. {fig}](fig{fig}_{metric}.png)", ""]
+    lines += against_paper(cells, order)
     lines += ["## Segmentation on the test patients", "",
               "Models with a mask output. The paper reports no segmentation figure.", "",
               "| Method | " + " | ".join(name for name, _, _ in SEG_METRICS) + " |",
@@ -407,6 +408,29 @@ def render(out: Path, order: list[str], meta: dict) -> str:
         lines.append(f"| {title(m)} | {first['steps']} | {first['config']['train']['batch_size']} | "
                      f"{'n/a' if rate is None else f'{rate:.1f}'} | {np.mean(walls):.1f} | {best} |")
     return "\n".join(lines) + "\n"
+
+
+def against_paper(cells: dict, order: list[str]) -> list[str]:
+    """One line per paper model: where our mean falls below or above its published figure."""
+    from dlvae_jax.train.evaluate import PAPER_PERCENT
+
+    lines = ["## Against the paper", ""]
+    for m in order:
+        paper_name = "DL-VAE-CNN" if m == "dlvae_cnn" else title(m)
+        if paper_name not in PAPER_PERCENT["accuracy"] or m not in cells:
+            continue
+        below, above = [], []
+        for metric, key, _, _ in CLASS_METRICS:
+            vals = _values(cells[m], key)
+            if not vals:
+                continue
+            ours, theirs = float(np.mean(vals)) * 100, PAPER_PERCENT[metric][paper_name]
+            (below if ours < theirs else above).append(f"{metric} {ours:.2f} vs {theirs:.2f}")
+        text = f"- {title(m)}: "
+        text += ("below the paper on " + ", ".join(below)) if below else "not below the paper on any metric"
+        text += ("; at or above it on " + ", ".join(above)) if above else ""
+        lines.append(text + ".")
+    return lines + [""]
 
 
 def figures(out: Path, order: list[str]) -> None:
