@@ -40,8 +40,8 @@ def _max_diff(a, b) -> float:
     return max(jax.tree_util.tree_leaves(d))
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
-def test_vmapped_variants_equal_each_variant_trained_alone(opt):
+@pytest.mark.parametrize("opt,mode", [("sgd", "vmap"), ("adamw", "vmap"), ("sgd", "map")])
+def test_stacked_variants_equal_each_variant_trained_alone(opt, mode):
     model = get_model("dlvae_cnn", features=4, levels=2, vae_features=4, vae_levels=2, specific_dim=4, shared_dim=4)
     # Clipped, small steps: unclipped SGD on this tiny model diverges within 3
     # steps, and a diverging run turns float rounding into large differences.
@@ -65,7 +65,7 @@ def test_vmapped_variants_equal_each_variant_trained_alone(opt):
             st, m = step(st, b)
         alone.append((jax.device_get(st), float(m["total"])))
 
-    vstep = ablation.variant_step(model, tx, prep, augment, donate=False)
+    vstep = ablation.variant_step(model, tx, prep, augment, donate=False, mode=mode)
     many = ablation.stack_states(state0, len(variants))
     losses = ablation.stack_losses(variants)
     for b in batches:

@@ -1,5 +1,5 @@
-"""Several loss variants of one model trained at once: `jax.vmap` over a
-leading variant axis, inside one jit.
+"""Several loss variants of one model trained at once: `jax.vmap` (or
+`jax.lax.map`) over a leading variant axis, inside one jit.
 
     states = stack([state] * V)                  # params, batch stats, optimizer states: [V, ...]
     losses = stack([LossConfig(...), ...])       # loss weights: [V]
@@ -61,10 +61,33 @@ def _step(state, batch, loss_cfg, *, model, tx, prep, augment, lr_schedule):
                       lr_schedule=lr_schedule)
 
 
-def variant_step(model, tx, prep, augment, lr_schedule=None, donate: bool = True) -> Callable:
-    """jit(vmap(train_step)) over (stacked state, shared batch, stacked LossConfig)."""
+MODES = ("vmap", "map")
+
+
+def variant_step(model, tx, prep, augment, lr_schedule=None, donate: bool = True, mode: str = "vmap") -> Callable:
+    """One jitted step of every variant over (stacked state, shared batch, stacked LossConfig).
+
+    mode "vmap": `jax.vmap` over the variant axis, so each layer runs once on
+    all variants (a convolution with stacked weights becomes one grouped
+    convolution). mode "map": `jax.lax.map` over the variants inside the same
+    jit, the variants one after another in one program. Both share the
+    batch's preprocessing and give the same numbers; which is faster depends
+    on the backend (grouped convolutions are a slow path of XLA:CPU).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fn = functools.partial(_step, model=model, tx=tx, prep=prep, augment=augment, lr_schedule=lr_schedule)
-    mapped = jax.vmap(fn, in_axes=(_STATE_AXES, None, 0), out_axes=(_STATE_AXES, 0))
+    if mode == "vmap":
+        mapped = jax.vmap(fn, in_axes=(_STATE_AXES, None, 0), out_axes=(_STATE_AXES, 0))
+    else:
+        def mapped(states, batch, losses):
+            def one(args):
+                per_state, loss_cfg = args
+                new, metrics = fn(per_state.replace(step=states.step, key=states.key), batch, loss_cfg)
+                return new.replace(step=None, key=None), metrics
+
+            stacked, metrics = jax.lax.map(one, (states.replace(step=None, key=None), losses))
+            return stacked.replace(step=states.step + 1, key=states.key), metrics
     return jax.jit(mapped, donate_argnums=(0,) if donate else ())
 
 
