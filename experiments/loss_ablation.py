@@ -8,11 +8,11 @@ their parameters, batch statistics and optimizer states are stacked on a
 leading axis and one jitted step advances them together: `vmap(train_step)`
 or `lax.map(train_step)` over the variant axis (`dlvae_jax.train.ablation`).
 
-Speed. Before training, each stacked mode (--mode auto: both) and the same
-variants stepped one after another (the ordinary jitted step, compiled once,
-called once per variant) are timed on the same batches in this run, compile
-apart; the ratios are printed and recorded, and training uses the faster
-stacked mode. On XLA:CPU vmap loses: convolutions with stacked weights become
+Speed. Before training, each stacked mode (--modes) and the same variants
+stepped one after another (the ordinary jitted step, compiled once, called
+once per variant) are timed on the same batches in this run, compile apart;
+the ratios are printed and recorded, and training uses the fastest of them
+(they give the same numbers: tests/test_ablation.py). On XLA:CPU vmap loses: convolutions with stacked weights become
 grouped convolutions, a slow path there.
 
 Evaluation. After --steps steps each variant's final weights are scored on
@@ -48,11 +48,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kl-sweep", default="0.1,0.3,3,10", help="KL weights besides the config's (default 0.1,0.3,3,10)")
     p.add_argument("--timing-steps", type=int, default=3, help="timed steps per mode for the speed ratio (default 3)")
-    p.add_argument("--mode", choices=("auto", "vmap", "map"), default="auto",
-                   help="how variants are stacked: vmap, lax.map, or auto: time both and train with the faster")
+    p.add_argument("--modes", default="vmap,map",
+                   help="stacked modes to time against one-after-another (default vmap,map); "
+                        "training uses the fastest of these and one-after-another")
+    p.add_argument("--train-with", default="fastest", help="fastest (default), sequential, or a mode of --modes")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    p_train = args.train_with
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in ("vmap", "map") for m in args.modes):
+        p.error(f"--modes: a comma-separated subset of vmap,map, got {','.join(args.modes)!r}")
+    if p_train not in ("fastest", "sequential", *args.modes):
+        p.error(f"--train-with {p_train}: must be fastest, sequential or one of --modes")
     if args.steps < 1 or args.timing_steps < 1:
         p.error("--steps and --timing-steps must be at least 1")
     try:
@@ -126,7 +134,7 @@ def run(args) -> dict:
     timing_batches = [jax.device_put(ds[i]) for i in range(args.timing_steps + 1)]
     steps_of, speed = {}, {"variants": n_var, "batch_size": bs, "image_size": int(cfg.data.image_size),
                            "timed_steps": args.timing_steps}
-    for mode in (ablation.MODES if args.mode == "auto" else (args.mode,)):
+    for mode in args.modes:
         steps_of[mode] = ablation.variant_step(model, tx, prep, augment, schedule, mode=mode)
         many = ablation.stack_states(state0, n_var)
         t0 = time.perf_counter()
@@ -165,15 +173,26 @@ def run(args) -> dict:
     del singles
     for mode in steps_of:
         speed[f"{mode}_vs_sequential"] = speed["sequential_step_s"] / speed[f"{mode}_step_s"]
-    chosen = min(steps_of, key=lambda md: speed[f"{md}_step_s"])
+    chosen = (min([*steps_of, "sequential"], key=lambda md: speed[f"{md}_step_s"]) if args.train_with == "fastest"
+              else args.train_with)
     speed["trained_with"] = chosen
-    vstep = steps_of[chosen]
     print("loss_ablation: s/step for all " + f"{n_var} variants: " +
           ", ".join(f"{md} {speed[f'{md}_step_s']:.2f} ({speed[f'{md}_vs_sequential']:.2f}x)" for md in steps_of) +
           f", one after another {speed['sequential_step_s']:.2f}; training with {chosen}", file=sys.stderr, flush=True)
 
-    # ---- training
-    many = jax.device_put(ablation.stack_states(state0, n_var))
+    # ---- training, with the fastest way measured above (all give the same numbers; tests/test_ablation.py)
+    if chosen == "sequential":
+        def vstep(states, batch, _losses):
+            batch = jax.device_put(batch)
+            outs = [sstep(states[i], batch, per_variant[i]) for i in range(n_var)]
+            return [o[0] for o in outs], ablation.stack([o[1] for o in outs])
+
+        many = [jax.device_put(state0) for _ in range(n_var)]
+        get_variant = lambda host, i: host[i]  # noqa: E731
+    else:
+        vstep = steps_of[chosen]
+        many = jax.device_put(ablation.stack_states(state0, n_var))
+        get_variant = ablation.variant_state
     it = iter(host_iterator(ds, num_threads=int(cfg.data.num_threads)))
     log_every = max(1, args.steps // 50)
     curves: dict[str, list] = {n: [] for n in names}
@@ -209,7 +228,7 @@ def run(args) -> dict:
     results = {}
     host_many = jax.device_get(many)
     for i, n in enumerate(names):
-        variables = ablation.variant_state(host_many, i).variables()
+        variables = get_variant(host_many, i).variables()
         results[n] = {"weights": {k: float(v) for k, v in variants[n].weights().items()},
                       "train": final_train[n], "non_finite_at": nonfinite.get(n),
                       **{split: _summary_metrics(evaluate_split(eval_fn, variables, data[split], cfg))
@@ -304,8 +323,10 @@ def _command(args) -> str:
         argv += ["--config", args.config]
     if args.kl_sweep != [0.1, 0.3, 3.0, 10.0]:
         argv += ["--kl-sweep", ",".join(f"{x:g}" for x in args.kl_sweep)]
-    if args.mode != "auto":
-        argv += ["--mode", args.mode]
+    if args.train_with != "fastest":
+        argv += ["--train-with", args.train_with]
+    if args.modes != ["vmap", "map"]:
+        argv += ["--modes", ",".join(args.modes)]
     if args.timing_steps != 3:
         argv += ["--timing-steps", str(args.timing_steps)]
     for s in args.set or []:

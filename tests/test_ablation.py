@@ -40,8 +40,7 @@ def _max_diff(a, b) -> float:
     return max(jax.tree_util.tree_leaves(d))
 
 
-@pytest.mark.parametrize("opt,mode", [("sgd", "vmap"), ("adamw", "vmap"), ("sgd", "map")])
-def test_stacked_variants_equal_each_variant_trained_alone(opt, mode):
+def _setup(opt: str):
     model = get_model("dlvae_cnn", features=4, levels=2, vae_features=4, vae_levels=2, specific_dim=4, shared_dim=4)
     # Clipped, small steps: unclipped SGD on this tiny model diverges within 3
     # steps, and a diverging run turns float rounding into large differences.
@@ -53,17 +52,29 @@ def test_stacked_variants_equal_each_variant_trained_alone(opt, mode):
     base = LossConfig(kl_warmup_steps=2)
     variants = [base, base.replace(kl=0.0), base.replace(cosine=0.0), base.replace(kl=3.0)]
     state0 = jax.device_get(create_state(model, tx, jax.random.key(3), example_inputs(2, S, 1)))
-    batches = _batches(3)
+    return model, tx, prep, augment, variants, state0
 
-    # Reference: the ordinary step, one variant at a time, weights as Python numbers
-    # (a zero weight drops its term there).
+
+@functools.lru_cache(maxsize=None)
+def _alone(opt: str):
+    """Reference: the ordinary step, one variant at a time, weights as Python
+    numbers (a zero weight drops its term there)."""
+    model, tx, prep, augment, variants, state0 = _setup(opt)
     alone = []
     for cfg in variants:
         step = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_cfg=cfg, prep=prep, augment=augment))
         st = state0
-        for b in batches:
+        for b in _batches(3):
             st, m = step(st, b)
         alone.append((jax.device_get(st), float(m["total"])))
+    return alone
+
+
+@pytest.mark.parametrize("opt,mode", [("sgd", "vmap"), ("adamw", "vmap"), ("sgd", "map")])
+def test_stacked_variants_equal_each_variant_trained_alone(opt, mode):
+    model, tx, prep, augment, variants, state0 = _setup(opt)
+    batches = _batches(3)
+    alone = _alone(opt)
 
     vstep = ablation.variant_step(model, tx, prep, augment, donate=False, mode=mode)
     many = ablation.stack_states(state0, len(variants))
