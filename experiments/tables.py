@@ -231,6 +231,7 @@ def run_cell(model: str, seed: int, steps: int, args) -> dict:
     summary = train(cfg, workdir, progress=sys.stderr.isatty() and not args.quiet)
     train_s = time.perf_counter() - t0
     report = evaluate(workdir, split="test", checkpoint=scored_checkpoint(model), n_overlays=4)
+    summary = dict(summary, workdir=_shown_path(workdir))  # as given, not this machine's absolute path
     return {"model": model, "seed": seed, "steps": steps, "train": summary, "train_wall_s": round(train_s, 1),
             "resumed_from": int(summary.get("resumed_from", 0)), "test": report,
             "config": json.loads(_config_json(cfg))}
