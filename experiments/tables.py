@@ -289,14 +289,6 @@ def run_kmeans(seed: int, args) -> dict:
             "kmeans_wall_s": round(time.perf_counter() - t0, 1), "settings": {"k": 4, "n_init": 10}}
 
 
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(type(x))
-
-
 def _finite(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
@@ -610,7 +602,7 @@ def main(argv=None) -> int:
                         rec["cell_wall_s"] = round(time.perf_counter() - t0, 1)
                         rec["budget_key"] = calibration_key(args)
                         rec["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                        write_json(path, json_safe(json.loads(json.dumps(rec, default=_json_default))))
+                        write_json(path, json_safe(rec))
                         t = rec["test"]
                         line = {"model": model, "seed": seed, "steps": rec["steps"], "wall_s": rec["cell_wall_s"],
                                 "failed": bool(rec.get("failed")),

@@ -194,10 +194,10 @@ def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
 
 
 def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, NumPy scalars -> Python: strict JSON for any reader."""
+    """NaN/inf -> None, NumPy scalars and arrays -> Python: strict JSON for any reader."""
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, np.ndarray)):
         return [json_safe(v) for v in obj]
     if isinstance(obj, (np.integer, np.bool_)):
         return obj.item()
