@@ -61,6 +61,7 @@ def kl(
     logvars: tuple[jax.Array, ...] | list[jax.Array],
     free_bits: float | jax.Array = 0.0,
     valid_B: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
     """Eq. 6: sum over latents of KL(q(z | x, y) || N(0, I)), batch mean, in nats.
 
@@ -69,11 +70,24 @@ def kl(
     latent dimension's batch-mean KL is floored at `free_bits` nats, so the
     optimizer gains nothing from pushing a dimension below that (guards
     against posterior collapse). free_bits=0 gives the plain KL.
+
+    The floor applies to the *global* batch mean: with `axis_name` (the step
+    runs per device under shard_map / pmap) whether a dimension is above the
+    floor is decided on the mean over all devices, and the term is written as
+    where(above, local mean, free_bits), whose average over devices (the
+    runners' pmean of losses and gradients) is max(global mean, free_bits)
+    and its gradient, exactly as under jit.
     """
     total = jnp.zeros((), jnp.float32)
     for mean, logvar in zip(means, logvars, strict=True):
         per_dim_D = _batch_mean(kl_per_dim(mean, logvar), valid_B)
-        total = total + jnp.sum(jnp.maximum(per_dim_D, free_bits))
+        if isinstance(free_bits, (int, float)) and free_bits == 0:
+            total = total + jnp.sum(per_dim_D)
+            continue
+        global_D = jax.lax.stop_gradient(per_dim_D)
+        if axis_name is not None:
+            global_D = jax.lax.pmean(global_D, axis_name)
+        total = total + jnp.sum(jnp.where(global_D > free_bits, per_dim_D, free_bits))
     return total
 
 
@@ -233,6 +247,7 @@ def total_loss(
     batch: Mapping[str, Any],
     config: LossConfig,
     step: int | jax.Array = 0,
+    axis_name: str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the loss terms a model has outputs for.
 
@@ -245,6 +260,9 @@ def total_loss(
       optional `valid_B` bool (rows where it is false, e.g. evaluation
       padding, are left out of every batch mean).
     step: training step, for the KL warm-up.
+    axis_name: the device axis when the loss runs per device (shard_map,
+      pmap): terms that are not means of per-example values (free bits) are
+      then decided on the global batch.
 
     Returns (total float32 scalar, logs): logs hold each computed term
     unweighted under its name, `segmentation_dice` / `segmentation_bce`, the
@@ -256,12 +274,13 @@ def total_loss(
     valid_B = batch.get("valid_B")
 
     if "latent_means" in outputs:
-        names = ("pp", "pv", "qq", "qv")
+        names = list(outputs["latent_means"])  # the model's latents, in its order
         logs["kl"] = kl(
             [outputs["latent_means"][n] for n in names],
             [outputs["latent_logvars"][n] for n in names],
             config.free_bits,
             valid_B,
+            axis_name,
         )
         if "free_latent_means" in outputs:  # dlvae_cnn's label-free posterior (Y = unknown), also Eq. 6
             logs["kl"] = logs["kl"] + kl(
@@ -269,6 +288,7 @@ def total_loss(
                 [outputs["free_latent_logvars"][n] for n in names],
                 config.free_bits,
                 valid_B,
+                axis_name,
             )
         logs["kl_beta"] = kl_beta(step, config.kl_warmup_steps)
     if "recon_b1_logits_BxHxWxC" in outputs:

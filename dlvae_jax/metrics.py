@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from dlvae_jax.errors import DlvaeError
+
 # Slices processed at a time: bounds the boolean temporaries to a few tens of MB
 # at 256 x 256 whatever N is.
 _CHUNK = 256
@@ -189,6 +191,35 @@ def _nanmean(x: np.ndarray) -> float:
     return float(x.mean()) if x.size else float("nan")
 
 
+def slice_stats(
+    pred_BxHxW: np.ndarray,
+    truth_BxHxW: np.ndarray,
+    pred_labels_B: np.ndarray | None = None,
+    true_labels_B: np.ndarray | None = None,
+    spacing: float | Sequence[float] = 1.0,
+) -> dict[str, np.ndarray]:
+    """The few numbers per slice that `SegmentationAccumulator` keeps: pixel
+    counts tp/fp/tn/fn, "dice", "hd95" (float64 [B]; empty-mask rules in the
+    module docstring) and the slice labels "pred_label", "true_label" (bool
+    [B]; by default "mask non-empty")."""
+    c = slice_counts(pred_BxHxW, truth_BxHxW)
+    n_pred, n_truth = c["tp"] + c["fp"], c["tp"] + c["fn"]
+    den = 2 * c["tp"] + c["fp"] + c["fn"]
+    hd = np.where((n_pred == 0) & (n_truth == 0), 0.0, np.nan)
+    for i in np.flatnonzero((n_pred > 0) & (n_truth > 0)):
+        hd[i] = hd95(pred_BxHxW[i], truth_BxHxW[i], spacing)
+    part = {
+        **c,
+        "dice": np.where(den == 0, 1.0, 2 * c["tp"] / np.maximum(den, 1)),
+        "hd95": hd,
+        "pred_label": n_pred > 0 if pred_labels_B is None else np.asarray(pred_labels_B, bool).reshape(-1),
+        "true_label": n_truth > 0 if true_labels_B is None else np.asarray(true_labels_B, bool).reshape(-1),
+    }
+    if len(part["pred_label"]) != len(n_pred) or len(part["true_label"]) != len(n_pred):
+        raise ValueError(f"slice labels must have one entry per slice ({len(n_pred)})")
+    return part
+
+
 class SegmentationAccumulator:
     """Collects per-slice statistics batch by batch; `report()` gives `segmentation_report`'s dict.
 
@@ -216,24 +247,16 @@ class SegmentationAccumulator:
         """
         if len(patient_ids_B) != len(pred_BxHxW):
             raise ValueError(f"{len(patient_ids_B)} patient ids for {len(pred_BxHxW)} slices")
-        c = slice_counts(pred_BxHxW, truth_BxHxW)
-        n_pred, n_truth = c["tp"] + c["fp"], c["tp"] + c["fn"]
-        den = 2 * c["tp"] + c["fp"] + c["fn"]
-        hd = np.where((n_pred == 0) & (n_truth == 0), 0.0, np.nan)
-        for i in np.flatnonzero((n_pred > 0) & (n_truth > 0)):
-            hd[i] = hd95(pred_BxHxW[i], truth_BxHxW[i], self.spacing)
-        part = {
-            **c,
-            "dice": np.where(den == 0, 1.0, 2 * c["tp"] / np.maximum(den, 1)),
-            "hd95": hd,
-            "pred_label": n_pred > 0 if pred_labels_B is None else np.asarray(pred_labels_B, bool).reshape(-1),
-            "true_label": n_truth > 0 if true_labels_B is None else np.asarray(true_labels_B, bool).reshape(-1),
-        }
-        if len(part["pred_label"]) != len(n_pred) or len(part["true_label"]) != len(n_pred):
-            raise ValueError(f"slice labels must have one entry per slice ({len(n_pred)})")
-        self._parts.append(part)
-        self._patients.extend(str(p) for p in patient_ids_B)
+        part = slice_stats(pred_BxHxW, truth_BxHxW, pred_labels_B, true_labels_B, self.spacing)
+        self.add_stats(part, patient_ids_B)
         return part
+
+    def add_stats(self, part: dict[str, np.ndarray], patient_ids_B: Sequence[str]) -> None:
+        """Adds per-slice stats made by `slice_stats` (e.g. on other processes and gathered)."""
+        if len(patient_ids_B) != len(part["dice"]):
+            raise ValueError(f"{len(patient_ids_B)} patient ids for {len(part['dice'])} slices")
+        self._parts.append({k: np.asarray(v) for k, v in part.items()})
+        self._patients.extend(str(p) for p in patient_ids_B)
 
     def report(self) -> dict:
         """The report dict described in `segmentation_report`."""
@@ -347,3 +370,32 @@ def segmentation_report(
             None if true_labels_N is None else np.asarray(true_labels_N)[start:stop],
         )
     return acc.report()
+
+
+THRESHOLD = 0.5  # probability cut of both the class head and the pixel map
+
+
+def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The slice decision shared by evaluation, prediction and in-training validation.
+
+    A slice is called "tumor" when the class head's ``tumor_prob >= THRESHOLD``;
+    its mask is the pixels with ``prob >= THRESHOLD``, and the mask of a slice
+    called "no tumor" is emptied (the class head decides presence, the pixel
+    map extent).
+
+    out: {"prob_BxHxW": float [B, H, W], "tumor_prob_B": float [B]} for n
+    slices of shape_HxW. Returns (masks bool [B, H, W], labels bool [B]).
+    Raises DlvaeError when the output does not have those shapes.
+    """
+    try:
+        prob, tumor_prob = np.asarray(out["prob_BxHxW"]), np.asarray(out["tumor_prob_B"]).reshape(-1)
+    except (KeyError, TypeError) as err:
+        raise DlvaeError(f"predictor output lacks {err}; expected prob_BxHxW and tumor_prob_B") from None
+    if prob.shape != (n, *shape_HxW) or tumor_prob.shape != (n,):
+        raise DlvaeError(
+            f"predictor returned prob {prob.shape} and tumor_prob {tumor_prob.shape} "
+            f"for {n} slices of {shape_HxW[0]}x{shape_HxW[1]}"
+        )
+    labels = tumor_prob >= THRESHOLD
+    masks = (prob >= THRESHOLD) & labels[:, None, None]
+    return masks, labels

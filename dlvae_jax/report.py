@@ -1,7 +1,9 @@
 """Figures and tables shared by the commands that score segmentations.
 
-`save_overlay`: a FLAIR slice with the truth (green) and predicted (red)
-outlines, optionally after other panels (equalized slice, cluster map, ...).
+`overlay_rgb`: the one overlay renderer, a FLAIR slice with the truth (green)
+and predicted (red) outlines, where they agree yellow, pixel-exact;
+`save_overlay` puts it in a titled figure after optional other panels
+(equalized slice, cluster map, ...), `save_png` writes it at its own size.
 `save_dice_plot`: Dice per patient volume as bars. `metrics_table`: a text
 table of our figures, with an optional column of the paper's beside them.
 matplotlib is imported lazily and always with the Agg backend, so nothing
@@ -10,14 +12,43 @@ needs a display.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-TRUTH_COLOR = "lime"
-PREDICTION_COLOR = "red"
+
+def outline(mask_HxW: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a mask (mask minus its connectivity-1 erosion): bool [H, W]."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask_HxW, bool)
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+
+
+def overlay_rgb(flair_HxW: np.ndarray, pred_HxW: np.ndarray, truth_HxW: np.ndarray | None = None) -> np.ndarray:
+    """FLAIR in gray with outlines: prediction red, truth green, both yellow. uint8 [H, W, 3]."""
+    rgb = np.repeat(np.asarray(flair_HxW, np.uint8)[:, :, None], 3, axis=2)
+    p = outline(pred_HxW)
+    t = outline(truth_HxW) if truth_HxW is not None else np.zeros_like(p)
+    rgb[p & ~t] = (255, 0, 0)
+    rgb[t & ~p] = (0, 255, 0)
+    rgb[p & t] = (255, 255, 0)
+    return rgb
+
+
+def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
+    """Writes an image (uint8 [H, W] or [H, W, 3], or float with cmap/vmin/vmax) as PNG at its own size."""
+    import matplotlib.image
+
+    buf = io.BytesIO()
+    # metadata without "Software" keeps the bytes free of the matplotlib version.
+    matplotlib.image.imsave(buf, image, format="png", metadata={"Software": None}, **imsave_kwargs)
+    Path(path).write_bytes(buf.getvalue())
+
+
 
 
 def _pyplot():
@@ -37,7 +68,7 @@ def save_overlay(
     *,
     title: str = "",
     panels: Sequence[tuple[np.ndarray, str, str]] = (),
-    overlay_title: str = "truth (green) vs prediction (red)",
+    overlay_title: str = "truth green, prediction red, both yellow",
     dpi: int = 80,
 ) -> None:
     """Writes a PNG: each of `panels` (image, name, colormap), then FLAIR with both outlines."""
@@ -49,12 +80,7 @@ def save_overlay(
         ax.imshow(img, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=9)
     ax = axes[-1]
-    ax.imshow(flair_HxW, cmap="gray", interpolation="nearest")
-    # contour needs a level crossing: an empty mask has no outline to draw.
-    if np.any(truth_HxW):
-        ax.contour(np.asarray(truth_HxW, np.float32), levels=[0.5], colors=TRUTH_COLOR, linewidths=1.0)
-    if np.any(prediction_HxW):
-        ax.contour(np.asarray(prediction_HxW, np.float32), levels=[0.5], colors=PREDICTION_COLOR, linewidths=1.0)
+    ax.imshow(overlay_rgb(flair_HxW, prediction_HxW, truth_HxW), interpolation="nearest")
     ax.set_title(overlay_title, fontsize=9)
     for ax in axes:
         ax.axis("off")

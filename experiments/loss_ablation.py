@@ -30,6 +30,7 @@ figure) and loss_ablation_log.jsonl (per-variant losses during training).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -98,7 +99,9 @@ def run(args) -> dict:
     from dlvae_jax.models import example_inputs
     from dlvae_jax.train import ablation
     from dlvae_jax.train import experiment as ex
-    from dlvae_jax.train.loop import EVAL_SEED, _summary_metrics, evaluate_split
+    from dlvae_jax.train.experiment import EVAL_SEED
+    from dlvae_jax.train.loop import evaluate_split, summary_metrics
+    from dlvae_jax.train.runners import make_runner
     from dlvae_jax.train.state import create_state
     from dlvae_jax.train.step import eval_outputs
 
@@ -225,15 +228,15 @@ def run(args) -> dict:
                    for i, n in enumerate(names)}
 
     # ---- evaluation of each variant's final weights
-    eval_fn = jax.jit(lambda v, b: eval_outputs(v, b, model=model, prep=prep,
-                                                eval_key=jax.random.key_data(jax.random.key(EVAL_SEED))))
+    evaluator = make_runner("jit", None, functools.partial(
+        eval_outputs, model=model, prep=prep, eval_key=jax.random.key_data(jax.random.key(EVAL_SEED))))
     results = {}
     host_many = jax.device_get(many)
     for i, n in enumerate(names):
-        variables = get_variant(host_many, i).variables()
+        variables = evaluator.put_variables(get_variant(host_many, i).variables())
         results[n] = {"weights": {k: float(v) for k, v in variants[n].weights().items()},
                       "train": final_train[n], "non_finite_at": nonfinite.get(n),
-                      **{split: _summary_metrics(evaluate_split(eval_fn, variables, data[split], cfg))
+                      **{split: summary_metrics(evaluate_split(evaluator, variables, data[split], cfg))
                          for split in ("validation", "test")}}
         print(f"loss_ablation: {n}: test slice accuracy {results[n]['test']['slice_accuracy']:.4f}, "
               f"Dice/volume {results[n]['test']['dice_volume_mean']:.4f}", file=sys.stderr, flush=True)
@@ -345,7 +348,7 @@ def main(argv=None) -> int:
     from dlvae_jax import outdir, signals
     from dlvae_jax.errors import DlvaeError
     from dlvae_jax.io import write_json, write_text
-    from dlvae_jax.train.evaluate import json_safe
+    from dlvae_jax.eval.evaluate import json_safe
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from tables import _machine

@@ -222,7 +222,7 @@ def scored_checkpoint(model: str) -> str:
 
 
 def run_cell(model: str, seed: int, steps: int, args) -> dict:
-    from dlvae_jax.train.evaluate import evaluate
+    from dlvae_jax.eval.evaluate import evaluate
     from dlvae_jax.train.loop import train
 
     cfg = cell_config(model, seed, steps, args.data_dir, args.split_seed, list(args.set or []))
@@ -239,7 +239,7 @@ def run_cell(model: str, seed: int, steps: int, args) -> dict:
 
 def rescore(path: Path, rec: dict, args) -> dict:
     """Scores a finished cell again with the checkpoint `scored_checkpoint` names (no training)."""
-    from dlvae_jax.train.evaluate import evaluate
+    from dlvae_jax.eval.evaluate import evaluate
 
     workdir = args.runs / f"{rec['model']}_seed{rec['seed']}"
     if not workdir.is_dir():
@@ -281,7 +281,7 @@ def run_kmeans(seed: int, args) -> dict:
         padded = np.pad(flair, ((0, batch - n), (0, 0), (0, 0)))  # one compiled shape
         roi = classical_roi(padded, key, start)[:n]
         acc.add(roi, truth > 0, [r.patient for r in part])
-    from dlvae_jax.train.evaluate import json_safe
+    from dlvae_jax.eval.evaluate import json_safe
 
     report = json_safe(acc.report())
     report["split"], report["checkpoint"] = "test", None
@@ -335,7 +335,7 @@ def _mean_sd(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def render(out: Path, order: list[str], meta: dict) -> str:
-    from dlvae_jax.train.evaluate import PAPER_PERCENT
+    from dlvae_jax.eval.evaluate import PAPER_PERCENT
 
     cells = load_cells(out)
     seeds = sorted({s for c in cells.values() for s in c})
@@ -405,7 +405,7 @@ def render(out: Path, order: list[str], meta: dict) -> str:
 
 def against_paper(cells: dict, order: list[str]) -> list[str]:
     """One line per paper model: where our mean falls below or above its published figure."""
-    from dlvae_jax.train.evaluate import PAPER_PERCENT
+    from dlvae_jax.eval.evaluate import PAPER_PERCENT
 
     lines = ["## Against the paper", ""]
     for m in order:
@@ -433,7 +433,7 @@ def figures(out: Path, order: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     from dlvae_jax.io import atomic_path
-    from dlvae_jax.train.evaluate import PAPER_PERCENT
+    from dlvae_jax.eval.evaluate import PAPER_PERCENT
 
     cells = load_cells(out)
     present = [m for m in order if m in cells]
@@ -570,7 +570,7 @@ def main(argv=None) -> int:
     from dlvae_jax import outdir, signals
     from dlvae_jax.data import lgg
     from dlvae_jax.io import write_json
-    from dlvae_jax.train.evaluate import json_safe
+    from dlvae_jax.eval.evaluate import json_safe
     from dlvae_jax.train.loop import NonFiniteLoss
 
     args = parse_args(argv)

@@ -26,8 +26,9 @@ from dlvae_jax.data import lgg
 from dlvae_jax.data.splits import write_splits
 from dlvae_jax.io import write_json
 from dlvae_jax.outdir import write_marker
-from dlvae_jax.train import evaluate as evaluate_mod
-from dlvae_jax.train import predict as predict_mod
+from dlvae_jax.eval import evaluate as evaluate_mod
+from dlvae_jax.eval import inference
+from dlvae_jax.eval import predict as predict_mod
 
 N_PATIENTS, N_SLICES, SIZE = 4, 6, 64  # patient index 3 has no tumor
 
@@ -103,16 +104,15 @@ def use_fake(monkeypatch, data_dir):
 
     def install(mode: str, channels: str = "flair") -> FakePredictor:
         fake = FakePredictor(data_dir, mode, channels)
-        monkeypatch.setattr(evaluate_mod, "load_predictor", lambda workdir, checkpoint="best": fake)
-        monkeypatch.setattr(predict_mod, "load_predictor", lambda workdir, checkpoint="best": fake)
+        monkeypatch.setattr(inference, "load_predictor", lambda workdir, checkpoint="best": fake)
         return fake
 
     return install
 
 
 def run_cli(monkeypatch, argv: list[str]) -> int:
-    if "dlvae_jax.train.cli_eval" not in cli._COMMAND_MODULES:
-        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*cli._COMMAND_MODULES, "dlvae_jax.train.cli_eval"))
+    if "dlvae_jax.eval.cli" not in cli._COMMAND_MODULES:
+        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*cli._COMMAND_MODULES, "dlvae_jax.eval.cli"))
     try:
         return cli.main(argv)
     except SystemExit as err:  # argparse's own errors

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from dlvae_jax.models.layers import (
     ClassifierHead,
+    RowDropout,
     ConvNormAct,
     DoubleConv,
     Dtype,
@@ -55,7 +56,7 @@ class CNNBaseline(nn.Module):
             x = max_pool2x(x)
         h = x.reshape(x.shape[0], -1)
         h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32)(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = RowDropout(self.dropout)(h, not train, inputs.get("index_B"))
         logits = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32)(h)
         return {"logits_Bx2": logits.astype(jnp.float32)}
 
@@ -91,7 +92,7 @@ class VGG16(nn.Module):
                 x = max_pool2x(x)
             else:
                 x = ConvNormAct(item * self.features // 64, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train)
-        logits = ClassifierHead(self.hidden, self.dropout, dtype=self.dtype)(x, train)
+        logits = ClassifierHead(self.hidden, self.dropout, dtype=self.dtype)(x, train, index_B=inputs.get("index_B"))
         return {"logits_Bx2": logits}
 
 

@@ -36,7 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlvae_jax.models.layers import ClassifierHead, DoubleConv, Dtype, UNetDecoder, max_pool2x
+from dlvae_jax.models.layers import (ClassifierHead, DoubleConv, Dtype, UNetDecoder, example_index, max_pool2x,
+                                     row_bernoulli)
 from dlvae_jax.models.vae import LATENT_NAMES, NUM_LABEL_STATES, UNKNOWN_LABEL, DualViewVAE
 
 INFERENCE_LABEL_MODES = ("predicted", "marginal", "unknown")
@@ -59,7 +60,8 @@ class ConditionalUNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_BxHxWxC: jax.Array, z_BxD: jax.Array, train: bool, with_mask: bool = True):
+    def __call__(self, image_BxHxWxC: jax.Array, z_BxD: jax.Array, train: bool, with_mask: bool = True,
+                 index_B: jax.Array | None = None):
         x = image_BxHxWxC.astype(self.dtype)
         z = z_BxD.astype(self.dtype)
         skips = []
@@ -70,7 +72,7 @@ class ConditionalUNet(nn.Module):
         x = DoubleConv(self.features * 2**self.levels, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype)(x, train, z)
         # The head also sees z directly: the slice label is a global property
         # the latent classifier D already predicts from z.
-        logits = ClassifierHead(self.classifier_hidden, self.dropout, dtype=self.dtype)(x, train, z)
+        logits = ClassifierHead(self.classifier_hidden, self.dropout, dtype=self.dtype)(x, train, z, index_B)
         if not with_mask:  # label-resolution pass: the decoder would be wasted work
             return logits, None
         mask_logits = UNetDecoder(self.norm, self.norm_axis_name, self.dtype)(x, skips, train, z)
@@ -136,8 +138,8 @@ class DLVAECNN(nn.Module):
             features=self.features, levels=self.levels, dropout=self.dropout, norm=self.norm, norm_axis_name=self.norm_axis_name, dtype=self.dtype
         )
 
-    def _encode(self, image, b2, y_Bx3, train):
-        enc = self.vae.encode(image, b2, y_Bx3, train, sample=train)
+    def _encode(self, image, b2, y_Bx3, train, index_B):
+        enc = self.vae.encode(image, b2, y_Bx3, train, sample=train, index_B=index_B)
         z_BxD = jnp.concatenate([enc["z"][n] for n in LATENT_NAMES], axis=-1)
         return enc, z_BxD
 
@@ -158,7 +160,8 @@ class DLVAECNN(nn.Module):
             return None
         label_B = jnp.asarray(label_B, jnp.int32)
         if train and self.label_dropout > 0:
-            drop_B = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, (b,))
+            drop_B = row_bernoulli(self.make_rng("dropout"), example_index(inputs.get("index_B"), b),
+                                   self.label_dropout, (b,))
             label_B = jnp.where(drop_B, UNKNOWN_LABEL, label_B)
         return label_B
 
@@ -171,24 +174,25 @@ class DLVAECNN(nn.Module):
         label-free latents, which pushes them to carry the tumor evidence."""
         image = inputs["image_BxHxWxC"]
         b = image.shape[0]
+        index_B = example_index(inputs.get("index_B"), b)
         b2 = jax.nn.one_hot(inputs["clusters_BxHxW"], self.num_clusters, dtype=jnp.float32)
         unknown_Bx3 = jax.nn.one_hot(jnp.full((b,), UNKNOWN_LABEL), NUM_LABEL_STATES, dtype=jnp.float32)
-        free, z_BxD = self._encode(image, b2, unknown_Bx3, train)
+        free, z_BxD = self._encode(image, b2, unknown_Bx3, train, index_B)
         if inputs.get("z_BxD") is not None:
             z_BxD = jnp.asarray(inputs["z_BxD"], jnp.float32)
-        logits, mask_logits = self.cnn(image, z_BxD, train)
+        logits, mask_logits = self.cnn(image, z_BxD, train, index_B=index_B)
 
         label_B = self._vae_label(inputs, train, b)
         if label_B is not None:
             y_Bx3 = jax.nn.one_hot(label_B, NUM_LABEL_STATES, dtype=jnp.float32)
-            enc, _ = self._encode(image, b2, y_Bx3, train)
+            enc, _ = self._encode(image, b2, y_Bx3, train, index_B)
         elif self.inference_label == "unknown":
             y_Bx3, enc = unknown_Bx3, free
         elif self.inference_label == "predicted":
             y_Bx3 = jax.nn.one_hot(jnp.argmax(logits, -1), NUM_LABEL_STATES, dtype=jnp.float32)
-            enc, _ = self._encode(image, b2, y_Bx3, train)
+            enc, _ = self._encode(image, b2, y_Bx3, train, index_B)
         else:  # marginal
-            enc, y_Bx3 = self._marginal_encoding(image, b2, logits, train)
+            enc, y_Bx3 = self._marginal_encoding(image, b2, logits, train, index_B)
         outputs = self._outputs(image, enc, y_Bx3, free["z"], z_BxD, logits, mask_logits, train)
         if enc is not free:
             # The label-free posterior feeds the CNN: its KL keeps it a proper
@@ -197,10 +201,10 @@ class DLVAECNN(nn.Module):
             outputs["free_latent_logvars"] = free["logvars"]
         return outputs
 
-    def _marginal_encoding(self, image, b2, logits_Bx2, train):
+    def _marginal_encoding(self, image, b2, logits_Bx2, train, index_B):
         b = image.shape[0]
         p_Bx2 = jax.nn.softmax(logits_Bx2, axis=-1)
-        encs = [self._encode(image, b2, jax.nn.one_hot(jnp.full((b,), c), NUM_LABEL_STATES), train) for c in (0, 1)]
+        encs = [self._encode(image, b2, jax.nn.one_hot(jnp.full((b,), c), NUM_LABEL_STATES), train, index_B) for c in (0, 1)]
         mix = lambda a0, a1: p_Bx2[:, :1] * a0 + p_Bx2[:, 1:] * a1
         enc = jax.tree_util.tree_map(mix, encs[0][0], encs[1][0])
         y_Bx3 = jnp.concatenate([p_Bx2, jnp.zeros((b, 1), jnp.float32)], axis=-1)
@@ -227,6 +231,7 @@ class DLVAECNN(nn.Module):
         paper's literal design, kept for comparison; prone to the label shortcut)."""
         image = inputs["image_BxHxWxC"]
         b = image.shape[0]
+        index_B = example_index(inputs.get("index_B"), b)
         b2 = jax.nn.one_hot(inputs["clusters_BxHxW"], self.num_clusters, dtype=jnp.float32)
         label_B = self._vae_label(inputs, train, b)
         z_override_BxD = inputs.get("z_BxD")
@@ -234,21 +239,21 @@ class DLVAECNN(nn.Module):
 
         if label_B is not None:
             y_Bx3 = jax.nn.one_hot(label_B, NUM_LABEL_STATES, dtype=jnp.float32)
-            enc, z_BxD = self._encode(image, b2, y_Bx3, train)
+            enc, z_BxD = self._encode(image, b2, y_Bx3, train, index_B)
         else:
             y_Bx3 = unknown_Bx3
-            enc, z_BxD = self._encode(image, b2, y_Bx3, train)
+            enc, z_BxD = self._encode(image, b2, y_Bx3, train, index_B)
             if self.inference_label != "unknown":
                 pass1_z = z_BxD if z_override_BxD is None else jnp.asarray(z_override_BxD, jnp.float32)
-                pass1_logits, _ = self.cnn(image, pass1_z, train, with_mask=False)
+                pass1_logits, _ = self.cnn(image, pass1_z, train, with_mask=False, index_B=index_B)
                 if self.inference_label == "predicted":
                     y_Bx3 = jax.nn.one_hot(jnp.argmax(pass1_logits, -1), NUM_LABEL_STATES, dtype=jnp.float32)
-                    enc, z_BxD = self._encode(image, b2, y_Bx3, train)
+                    enc, z_BxD = self._encode(image, b2, y_Bx3, train, index_B)
                 else:
-                    enc, y_Bx3 = self._marginal_encoding(image, b2, pass1_logits, train)
+                    enc, y_Bx3 = self._marginal_encoding(image, b2, pass1_logits, train, index_B)
                     z_BxD = jnp.concatenate([enc["z"][n] for n in LATENT_NAMES], axis=-1)
 
         if z_override_BxD is not None:
             z_BxD = jnp.asarray(z_override_BxD, jnp.float32)
-        logits, mask_logits = self.cnn(image, z_BxD, train)
+        logits, mask_logits = self.cnn(image, z_BxD, train, index_B=index_B)
         return self._outputs(image, enc, y_Bx3, enc["z"], z_BxD, logits, mask_logits, train)

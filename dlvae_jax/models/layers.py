@@ -18,6 +18,49 @@ Dtype = Any
 NORM_KINDS = ("batch", "group", "none")
 
 
+# ---------------------------------------------------------------- per-example randomness
+# A model's random draws (VAE noise, label dropout, dropout) are keyed per
+# example: the module's key (the same on every device, as it comes from the
+# step's key) folded with the example's record index `index_B`. An example's
+# draws thus depend neither on its batch neighbours nor on the device it is
+# on, so jit, shard_map and pmap give the same numbers at any device count.
+
+
+def example_index(index_B: jax.Array | None, batch: int) -> jax.Array:
+    """The record indices of a batch's rows; 0..B-1 when the caller gives none."""
+    return jnp.arange(batch, dtype=jnp.int32) if index_B is None else jnp.asarray(index_B, jnp.int32)
+
+
+def row_keys(key: jax.Array, index_B: jax.Array) -> jax.Array:
+    """One key per row: fold_in(key, index) for each record index, [B]."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index_B)
+
+
+def row_normal(key: jax.Array, index_B: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 standard normal draws of `shape` (leading axis B), row b from fold_in(key, index_B[b])."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(row_keys(key, index_B))
+
+
+def row_bernoulli(key: jax.Array, index_B: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """bool draws with P(True) = p of `shape` (leading axis B), row b from fold_in(key, index_B[b])."""
+    return jax.vmap(lambda k: jax.random.bernoulli(k, p, shape[1:]))(row_keys(key, index_B))
+
+
+class RowDropout(nn.Module):
+    """Inverted dropout with each row's mask drawn from its own key (rng stream 'dropout')."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool, index_B: jax.Array | None = None) -> jax.Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        keep = row_bernoulli(self.make_rng("dropout"), example_index(index_B, x.shape[0]), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 def upsample2x_nearest(x_BxHxWxC: jax.Array) -> jax.Array:
     """Nearest-neighbour x2 upsampling, (B, H, W, C) -> (B, 2H, 2W, C).
 
@@ -181,11 +224,12 @@ class ClassifierHead(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, train: bool, extra_BxD: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BxHxWxC: jax.Array, train: bool, extra_BxD: jax.Array | None = None,
+                 index_B: jax.Array | None = None) -> jax.Array:
         h = jnp.mean(x_BxHxWxC, axis=(1, 2))
         if extra_BxD is not None:
             h = jnp.concatenate([h, extra_BxD.astype(h.dtype)], axis=-1)
         h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32)(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = RowDropout(self.dropout)(h, not train, index_B)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)(h)
         return logits.astype(jnp.float32)

@@ -25,16 +25,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlvae_jax.models.layers import ConvNormAct, Dtype, upsample2x_nearest
+from dlvae_jax.models.layers import ConvNormAct, Dtype, example_index, row_normal, upsample2x_nearest
 
 LATENT_NAMES = ("pp", "pv", "qq", "qv")
 NUM_LABEL_STATES = 3  # 0 no tumor, 1 tumor, 2 unknown
 UNKNOWN_LABEL = 2
 
 
-def reparameterize(key: jax.Array, mean_BxD: jax.Array, logvar_BxD: jax.Array) -> jax.Array:
-    """z = mean + exp(logvar / 2) * eps with eps ~ N(0, I) drawn from `key`."""
-    eps = jax.random.normal(key, mean_BxD.shape, jnp.float32).astype(mean_BxD.dtype)
+def reparameterize(key: jax.Array, mean_BxD: jax.Array, logvar_BxD: jax.Array,
+                   index_B: jax.Array | None = None) -> jax.Array:
+    """z = mean + exp(logvar / 2) * eps with eps ~ N(0, I); row b's eps is drawn
+    from fold_in(key, index_B[b]) (record indices; 0..B-1 by default)."""
+    rows = example_index(index_B, mean_BxD.shape[0])
+    eps = row_normal(key, rows, mean_BxD.shape).astype(mean_BxD.dtype)
     return mean_BxD + jnp.exp(0.5 * logvar_BxD) * eps
 
 
@@ -144,18 +147,21 @@ class DualViewVAE(nn.Module):
         self.classifier_out = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32)
 
     def encode(
-        self, image_BxHxWxC: jax.Array, b2_BxHxWxK: jax.Array, y_Bx3: jax.Array, train: bool, sample: bool
+        self, image_BxHxWxC: jax.Array, b2_BxHxWxK: jax.Array, y_Bx3: jax.Array, train: bool, sample: bool,
+        index_B: jax.Array | None = None,
     ) -> dict[str, Any]:
         """Eqs. 4-5. Returns {'means': {pp,pv,qq,qv: (B,D)}, 'logvars': {...},
-        'z': {...}}; z are reparameterized samples (rng stream 'sample') when
-        `sample`, else the means."""
+        'z': {...}}; z are reparameterized samples (rng stream 'sample', one
+        draw per row keyed by its record index `index_B`) when `sample`, else
+        the means."""
         mpp, lpp, mpv, lpv = self.encoder_b1(image_BxHxWxC, y_Bx3, train)
         mqq, lqq, mqv, lqv = self.encoder_b2(b2_BxHxWxK, y_Bx3, train)
         means = dict(pp=mpp, pv=mpv, qq=mqq, qv=mqv)
         logvars = dict(pp=lpp, pv=lpv, qq=lqq, qv=lqv)
         if sample:
             keys = jax.random.split(self.make_rng("sample"), len(LATENT_NAMES))
-            z = {n: reparameterize(k, means[n], logvars[n]) for n, k in zip(LATENT_NAMES, keys)}
+            rows = example_index(index_B, image_BxHxWxC.shape[0])
+            z = {n: reparameterize(k, means[n], logvars[n], rows) for n, k in zip(LATENT_NAMES, keys)}
         else:
             z = dict(means)
         return {"means": means, "logvars": logvars, "z": z}

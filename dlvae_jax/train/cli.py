@@ -19,6 +19,15 @@ def _cmd_train(args) -> int:
     from dlvae_jax.train.loop import train
 
     summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite)
+    import jax
+
+    if jax.process_count() == 1:
+        # The best checkpoint on the validation split: confusion matrix, Dice per
+        # patient and overlays in eval_validation/. (A multi-process job leaves
+        # this to `dlvae-jax evaluate`: Orbax's restore is collective.)
+        from dlvae_jax.eval.evaluate import evaluate
+
+        evaluate(summary["workdir"], data_dir=summary["data_dir"], split="validation", checkpoint="best")
     val = summary.get("validation") or {}
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
           f"({summary['slices_per_s']:.1f} slices/s); workdir {summary['workdir']}")

@@ -18,6 +18,10 @@ from dlvae_jax.models import get_model
 from dlvae_jax.train.optim import make_optimizer
 from dlvae_jax.train.step import PrepConfig
 
+CONFIG_FILE = "config.json"  # the resolved config of a run, in its workdir
+LOG_FILE = "log.jsonl"
+EVAL_SEED = 12345  # K-means restarts at evaluation: fixed, so evaluations are comparable
+
 def model_from_config(cfg, norm_axis_name: str | None = None):
     opts = {k: v for k, v in cfg.model.to_dict().items() if k != "name"}
     if norm_axis_name is not None:

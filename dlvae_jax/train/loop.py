@@ -43,17 +43,15 @@ from dlvae_jax import configs, metrics, outdir, signals
 from dlvae_jax.data import lgg
 from dlvae_jax.data.pipeline import ArrayLoader, Shard, eval_dataset, host_iterator, train_dataset
 from dlvae_jax.errors import DlvaeError
-from dlvae_jax.io import write_json
+from dlvae_jax.io import write_json, write_text
 from dlvae_jax.models import example_inputs
 from dlvae_jax.train import experiment as ex
+from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED, LOG_FILE
 from dlvae_jax.train.checkpoint import Checkpoints, abstract, best_metric
 from dlvae_jax.train.runners import make_runner
 from dlvae_jax.train.state import create_state
 from dlvae_jax.train.step import eval_outputs, train_step
 
-CONFIG_FILE = "config.json"
-LOG_FILE = "log.jsonl"
-EVAL_SEED = 12345  # K-means restarts at evaluation: fixed, so evaluations are comparable
 # Fields that may change when a run is resumed (logging and evaluation cadence).
 # train.steps is not among them: it sets the learning-rate schedule's length.
 RESUMABLE = {("train", "log_every"), ("train", "eval_every"), ("train", "checkpoint_every"), ("eval", "overlays"),
@@ -136,28 +134,50 @@ def _scalars(tree) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def evaluate_split(eval_fn, variables, data: ex.SplitData, cfg) -> dict:
-    """Runs the jitted eval step over a split held in memory; returns the metrics
-    report (`dlvae_jax.metrics`), with the decision rule of `dlvae-jax evaluate`.
+def evaluate_split(runner, variables, data: ex.SplitData, cfg) -> dict:
+    """Scores a split held by this process with the runner's sharded eval; returns
+    the metrics report (`dlvae_jax.metrics`), with the decision rule of
+    `dlvae-jax evaluate` (`metrics.decide`).
 
-    Every process evaluates the whole split on its own first device, so all
-    processes reach the same figures (and agree on which checkpoint is best)."""
-    from dlvae_jax.train.evaluate import decide
-
+    variables: from `runner.eval_variables(state)` or `runner.put_variables`,
+    placed once for the whole split. The global eval batch is
+    `eval.batch_size` rounded up to a multiple of the device count; every
+    process feeds its rows of each global batch and every device scores its
+    part. Padding rows (`valid_B` false) are dropped, so each slice is scored
+    exactly once; the per-slice figures of all processes are then gathered
+    (one collective per evaluation) so every process reports the same numbers
+    and agrees on the best checkpoint."""
+    n_dev = runner.mesh.size
+    global_batch = -(-int(cfg.eval.batch_size) // n_dev) * n_dev
     loader = ArrayLoader(data.images, data.masks)
-    acc = metrics.SegmentationAccumulator()
-    ds = eval_dataset(loader, global_batch_size=int(cfg.eval.batch_size), shard=Shard(0, 1))
+    ds = eval_dataset(loader, global_batch_size=global_batch, shard=Shard.from_jax())
+    hw = data.masks.shape[1:]
+    rows = []
     for host in host_iterator(ds, num_threads=1):
-        out = jax.device_get(eval_fn(variables, host))
-        keep = host["valid_B"]
-        idx = host["index_B"][keep]
-        masks, labels = decide({k: v[keep] for k, v in out.items()}, len(idx), data.masks.shape[1:])
-        truth = data.masks[idx] > 0
-        acc.add(masks, truth, [data.patients[i] for i in idx], labels, truth.any(axis=(1, 2)))
+        out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
+        masks, labels = metrics.decide(out, len(host["index_B"]), hw)
+        truth = host["mask_BxHxW"] > 0
+        rows.append(dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
+                         index=host["index_B"].astype(np.int64)))
+    local = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        local = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in local.items()}
+    return _report_from_rows(local, data)
+
+
+def _report_from_rows(rows: dict[str, np.ndarray], data: ex.SplitData) -> dict:
+    index = rows["index"]
+    order = np.argsort(np.where(index >= 0, index, np.iinfo(np.int64).max), kind="stable")
+    order = order[index[order] >= 0]
+    acc = metrics.SegmentationAccumulator()
+    part = {k: v[order] for k, v in rows.items() if k != "index"}
+    acc.add_stats(part, [data.patients[i] for i in index[order]])
     return acc.report()
 
 
-def _summary_metrics(report: dict) -> dict:
+def summary_metrics(report: dict) -> dict:
     keys = ("slice_accuracy", "slice_precision", "slice_recall", "slice_f1", "pixel_f1", "dice_volume_mean",
             "dice_volume_median", "dice_tumor_slices_mean", "iou_mean", "hd95_mean")
     return {k: float(report[k]) for k in keys if k in report}
@@ -193,6 +213,31 @@ def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = 
         ex.workdir_splits(wd, lgg.scan(data_dir), cfg)
         _barrier("dlvae-jax train: workdir ready")
         return _train_in(cfg, wd, parallel, is_main, progress)
+
+
+def stop_check_interval(cfg) -> int:
+    """Steps between two agreements on stopping (signals) across processes:
+    every step with one process (no collective is needed), else the logging
+    interval, so a signal is acted on within `train.log_every` steps."""
+    return 1 if jax.process_count() == 1 else max(1, int(cfg.train.log_every))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the log rows of steps after `step` (logged by a run that was then
+    killed before its next checkpoint), so a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row_step = int(json.loads(line).get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            continue  # a line cut by the kill
+        if row_step <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
 
 
 def _any_process(flag) -> bool:
@@ -232,18 +277,21 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     eval_fn = functools.partial(eval_outputs, model=model, prep=prep,
                                 eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)))
     runner = make_runner(parallel, step_fn, eval_fn)
-    local_eval = jax.jit(eval_fn)
 
     c = train_data.images.shape[-1] if train_data.images.ndim == 4 else 1
     init = example_inputs(2, int(cfg.data.image_size), c)
     state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
     ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints), metric=best_metric(type(model).outputs_mask))
-    restored = ckpt.restore_latest(abstract(state))
+    # The template carries the runner's replicated sharding: a save made on any
+    # number of devices (or under another runner) is placed straight onto this run's.
+    restored = ckpt.restore_latest(abstract(state, runner.replicated), set_aside=True)
     data_state = None
     if restored is not None:
         state, data_state, meta = restored
         print(f"resuming from step {int(meta['step'])} ({wd / 'checkpoints'})", file=sys.stderr)
     start = int(state.step)
+    if is_main:
+        truncate_log(wd / LOG_FILE, start)
     total = int(cfg.train.steps)
     state = runner.put_state(state)
 
@@ -261,6 +309,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
     last = {"step": start, "train": {}, "eval": {}}
+    stop_every = stop_check_interval(cfg)
     pending = None  # (step number, device metrics) of the step in flight
     last_data_state = data_state
     t0, seen0 = time.perf_counter(), start
@@ -301,16 +350,21 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                 if bar is not None:
                     bar.update(1)
                 do_eval = step_no % int(cfg.train.eval_every) == 0 or step_no == total
-                stop = _any_process(signals.pending())
-                do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0 or stop
+                do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0
+                # Whether to stop is agreed at these boundaries only: one small
+                # collective every `stop_every` steps (none at all with one process),
+                # never a blocking one per step; all processes stop after the same step.
+                stop = False
+                if do_ckpt or step_no % stop_every == 0:
+                    stop = _any_process(signals.pending())
+                do_ckpt = do_ckpt or stop
                 if do_ckpt:
                     finish_step(*pending)
                     pending = None
                     eval_metrics = None
                     if do_eval:
-                        variables = jax.device_get(runner.get_state(state).variables())
-                        report = evaluate_split(local_eval, variables, val_data, cfg)
-                        eval_metrics = _summary_metrics(report)
+                        report = evaluate_split(runner, runner.eval_variables(state), val_data, cfg)
+                        eval_metrics = summary_metrics(report)
                         logger.write("eval", step_no, eval_metrics)
                         last["eval"] = eval_metrics
                         if bar is not None:
@@ -336,13 +390,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                "train": last["train"], "validation": last["eval"], "best_metric": ckpt.metric, "best_value": ckpt.best_value}
     if is_main:
         from dlvae_jax.train import plots
-        from dlvae_jax.train.evaluate import evaluate
 
         write_json(wd / "train_summary.json", summary)
         plots.training_plots(wd)
-        if jax.process_count() == 1:
-            # The best checkpoint on the validation split: confusion matrix, Dice per
-            # patient and example overlays in eval_validation/. (A multi-process job
-            # leaves this to `dlvae-jax evaluate`: Orbax's restore is collective.)
-            evaluate(wd, data_dir=data_dir, split="validation", checkpoint="best")
+    summary["data_dir"] = str(data_dir)
     return summary

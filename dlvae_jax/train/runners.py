@@ -13,11 +13,15 @@ All three wrap `dlvae_jax.train.step.train_step` / `eval_outputs`; none copies
 them. The model passed in is cloned with `norm_axis_name="data"` for
 shard_map and pmap so batch norm sees the global batch, as under jit.
 
-Per-example randomness (augmentation, K-means restarts) is keyed by the
-example's record index, so it is the same whatever device an example lands
-on; a model's own random draws (VAE sampling, dropout) use one key per step,
-which under shard_map/pmap each device applies to its own rows, so those
-draws (not their distribution) differ between runners.
+Every random draw of a step (augmentation, K-means restarts, the model's
+VAE noise, label dropout and dropout) is keyed by the example's record index
+(`fold_in(key, index_B)`), so it is the same whatever device an example lands
+on: the three runners give the same numbers at any device count, up to the
+order of floating-point reductions.
+
+Evaluation: `eval_variables(state)` gives the parameters in the placement the
+runner's eval takes, once per evaluation; `eval` then runs on every device,
+each on its rows of the global batch.
 """
 
 from __future__ import annotations
@@ -79,8 +83,8 @@ class Runner:
         self.mesh = mesh or data_mesh()
         self.batch_sharding = batch_sharding(self.mesh)
         self.replicated = replicated(self.mesh)
-        self._step = self._build_step(step_fn)
-        self._eval = self._build_eval(eval_fn)
+        self._step = self._build_step(step_fn) if step_fn is not None else None
+        self._eval = self._build_eval(eval_fn) if eval_fn is not None else None
 
     # -- jit: the default
     def _build_step(self, step_fn):
@@ -101,10 +105,19 @@ class Runner:
     def put_batch(self, batch: dict[str, np.ndarray]):
         return to_global(batch, self.batch_sharding)
 
+    def put_variables(self, variables):
+        """Host (or any) variables -> the placement `eval` takes."""
+        return jax.device_put(variables, self.replicated)
+
+    def eval_variables(self, state):
+        """The runner's state -> its variables, already in the placement `eval` takes (no copy)."""
+        return state.variables()
+
     def step(self, state, batch):
         return self._step(state, batch)
 
     def eval(self, variables, batch):
+        """variables from `eval_variables` / `put_variables`; batch from `put_batch`."""
         return self._eval(variables, batch)
 
     def local_rows(self, outputs: dict) -> dict[str, np.ndarray]:
@@ -165,12 +178,12 @@ class PmapRunner(Runner):
             raise DlvaeError(f"the per-process batch of {rows} does not split over {n} local devices")
         return {k: self._stacked(v.reshape((n, rows // n) + v.shape[1:])) for k, v in batch.items()}
 
+    def put_variables(self, variables):
+        return self._replicate(variables)
+
     def step(self, state, batch):
         state, metrics = self._step(state, batch)
         return state, jax.tree_util.tree_map(lambda x: x[0], metrics)
-
-    def eval(self, variables, batch):
-        return self._eval(self._replicate(variables), batch)
 
     def local_rows(self, outputs):
         return {k: np.asarray(v).reshape((-1,) + v.shape[2:]) for k, v in outputs.items()}

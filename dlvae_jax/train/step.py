@@ -10,8 +10,9 @@ The model's inputs are made here, on the device, in the order of the paper:
 augmentation of the raw slice and mask (training only), resizing to the
 model's side, histogram equalization inside the head (Eq. 1) and K-means
 (Eqs. 2-3) giving the views B1 and B2, then the model. Every per-example
-random choice is keyed by `fold_in(step key, index_B)`, so an example's
-transform depends on neither its batch neighbours nor the device it is on.
+random choice (augmentation, K-means restarts, and the model's VAE noise,
+label dropout and dropout) is keyed by `fold_in(key, index_B)`, so an
+example's draws depend on neither its batch neighbours nor the device it is on.
 The step's key is `fold_in(run key, step)`.
 
 With `axis_name` (shard_map / pmap) gradients and metrics are averaged over
@@ -112,7 +113,7 @@ def train_step(state, batch: dict[str, jax.Array], *, model: nn.Module, tx: opta
     def loss_fn(params):
         variables = {**state.variables(), "params": params}
         outputs, new_variables = apply_model(model, variables, inputs, train=True, key=model_key)
-        total, logs = total_loss(outputs, inputs, loss_cfg, state.step)
+        total, logs = total_loss(outputs, inputs, loss_cfg, state.step, axis_name)
         return total, (logs, new_variables.get("batch_stats", {}))
 
     (_, (logs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

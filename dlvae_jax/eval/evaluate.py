@@ -1,6 +1,6 @@
 """`dlvae-jax evaluate`: a trained model's predictions on LGG slices, scored against the masks.
 
-Decision rule (shared with `dlvae-jax predict`, see `decide`): a slice is
+Decision rule (shared with `dlvae-jax predict`, see `dlvae_jax.metrics.decide`): a slice is
 called "tumor" when the class head's probability ``tumor_prob >= 0.5``; its
 mask is the pixels with ``prob >= 0.5``, and the mask of a slice called "no
 tumor" is emptied. The class head thus decides presence, the pixel map
@@ -35,6 +35,7 @@ import io
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,11 @@ import numpy as np
 
 from dlvae_jax import metrics
 from dlvae_jax import report as figures
-from dlvae_jax.errors import DlvaeError
+from dlvae_jax.errors import DlvaeError, print_warning
+from dlvae_jax.eval import inference
 from dlvae_jax.io import atomic_path, write_json, write_text
+from dlvae_jax.metrics import THRESHOLD, decide
 
-THRESHOLD = 0.5
 SPLIT_CHOICES = ("train", "val", "validation", "test", "all")
 _SPLIT_ALIASES = {"val": "validation"}
 
@@ -63,32 +65,8 @@ PAPER_PERCENT = {
 PER_PATIENT_COLUMNS = ("patient", "n_slices", "n_tumor_slices", "n_pred_tumor_slices", "dice", "iou", "hd95", "hd95_n")
 
 
-def load_predictor(workdir: str | os.PathLike, checkpoint: str = "best"):
-    """`dlvae_jax.train.inference.load_predictor`, imported on first use (tests replace this)."""
-    from dlvae_jax.train import inference
-
-    return inference.load_predictor(workdir, checkpoint)
 
 
-def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Applies the decision rule of the module docstring to one predictor output.
-
-    out: {"prob_BxHxW": float [B, H, W], "tumor_prob_B": float [B]} for n
-    slices of shape_HxW. Returns (masks bool [B, H, W], labels bool [B]).
-    Raises DlvaeError when the output does not have those shapes.
-    """
-    try:
-        prob, tumor_prob = np.asarray(out["prob_BxHxW"]), np.asarray(out["tumor_prob_B"]).reshape(-1)
-    except (KeyError, TypeError) as err:
-        raise DlvaeError(f"predictor output lacks {err}; expected prob_BxHxW and tumor_prob_B") from None
-    if prob.shape != (n, *shape_HxW) or tumor_prob.shape != (n,):
-        raise DlvaeError(
-            f"predictor returned prob {prob.shape} and tumor_prob {tumor_prob.shape} "
-            f"for {n} slices of {shape_HxW[0]}x{shape_HxW[1]}"
-        )
-    labels = tumor_prob >= THRESHOLD
-    masks = (prob >= THRESHOLD) & labels[:, None, None]
-    return masks, labels
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -102,6 +80,30 @@ def _check_workdir(workdir: Path) -> None:
         raise DlvaeError(f"{workdir}: not a dlvae-jax training folder ({made_by})")
     if not (workdir / "config.json").is_file():
         raise DlvaeError(f"{workdir}: not a trained run (no config.json); train first")
+
+
+def _check_writable(workdir: Path) -> None:
+    """Fails up front, before any work, when the results could not be written."""
+    try:
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as err:
+        raise DlvaeError(f"{workdir}: cannot write the results there ({err.strerror or err}); "
+                         "evaluate a writable copy of the run") from None
+
+
+def _run_identity(workdir: Path) -> tuple:
+    """What tells one training run in `workdir` from another that replaced it:
+    the folder itself (a replaced run is a new folder renamed into place), its
+    marker and its config."""
+    def read(name: str) -> bytes:
+        try:
+            return (workdir / name).read_bytes()
+        except OSError:
+            return b""
+
+    st = workdir.stat()
+    return st.st_dev, st.st_ino, read(".dlvae-jax"), read("config.json")
 
 
 def _config_value(config: Any, section: str, name: str) -> Any:
@@ -156,38 +158,6 @@ def select_records(index, workdir: Path, split: str):
             f"(e.g. {missing[0]}); pass the data folder used for training, or --split all to score every patient here"
         )
     return index.for_patients(wanted), len(set(wanted) & set(splits.get("train", ())))
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def outline(mask_HxW: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a mask (mask minus its connectivity-1 erosion): bool [H, W]."""
-    from scipy import ndimage
-
-    mask = np.asarray(mask_HxW, bool)
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
-
-
-def overlay_rgb(flair_HxW: np.ndarray, pred_HxW: np.ndarray, truth_HxW: np.ndarray | None = None) -> np.ndarray:
-    """FLAIR in gray with outlines: prediction red, truth green, both yellow. uint8 [H, W, 3]."""
-    rgb = np.repeat(np.asarray(flair_HxW, np.uint8)[:, :, None], 3, axis=2)
-    p = outline(pred_HxW)
-    t = outline(truth_HxW) if truth_HxW is not None else np.zeros_like(p)
-    rgb[p & ~t] = (255, 0, 0)
-    rgb[t & ~p] = (0, 255, 0)
-    rgb[p & t] = (255, 255, 0)
-    return rgb
-
-
-def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
-    """Writes an image (uint8 [H, W] or [H, W, 3], or float with cmap/vmin/vmax) as PNG at its own size."""
-    import matplotlib.image
-
-    buf = io.BytesIO()
-    # metadata without "Software" keeps the bytes free of the matplotlib version.
-    matplotlib.image.imsave(buf, image, format="png", metadata={"Software": None}, **imsave_kwargs)
-    Path(path).write_bytes(buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- report
@@ -284,7 +254,12 @@ def evaluate(
         raise DlvaeError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
     if batch_size is not None and batch_size < 1:
         raise DlvaeError(f"--batch-size must be at least 1, got {batch_size}")
-    predictor = load_predictor(workdir, checkpoint)
+    _check_writable(workdir)
+    run_id = _run_identity(workdir)
+    predictor = inference.load_predictor(workdir, checkpoint)
+    used = getattr(predictor, "checkpoint", checkpoint)
+    if used != checkpoint:
+        print_warning(f"{workdir}: no readable {checkpoint} checkpoint; scoring the {used} one (step {predictor.step})")
     if batch_size is None:
         batch_size = int(_config_value(predictor.config, "eval", "batch_size") or 32)
     if n_overlays is None:
@@ -318,13 +293,16 @@ def evaluate(
     report.update({
         "data_dir": str(index.root),
         "split": split,
-        "checkpoint": checkpoint,
+        "checkpoint": used,
         "checkpoint_step": int(predictor.step),
         "threshold": THRESHOLD,
         "n_patients_in_train": int(n_in_train),
     })
     report = json_safe(report)
 
+    if _run_identity(workdir) != run_id:
+        raise DlvaeError(f"{workdir}: the run was replaced (train --overwrite?) while it was being evaluated; "
+                         "nothing was written, evaluate again")
     with atomic_path(workdir / f"eval_{split}", replace_dir=True) as tmp:
         (tmp / "overlays").mkdir(parents=True)
         figures.save_dice_plot(tmp / "dice_per_patient.png",

@@ -4,7 +4,7 @@ An input is a slice TIFF named like the dataset's images, ``<stem>_<n>.tif``
 ((H, W, 3) uint8 with FLAIR in channel 1, or (H, W) uint8 FLAIR), or a folder
 of them (a patient folder; ``*_mask.tif`` files in it are ignored); a run
 trained on all three channels needs the (H, W, 3) form. Masks are
-decided as in `dlvae-jax evaluate` (`dlvae_jax.train.evaluate.decide`): the
+decided as in `dlvae-jax evaluate` (`dlvae_jax.metrics.decide`): the
 class head's ``tumor_prob >= 0.5`` says whether there is a tumor, the pixel
 map's ``prob >= 0.5`` where.
 
@@ -49,18 +49,16 @@ import numpy as np
 
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.outdir import output_folder
-from dlvae_jax.train.evaluate import decide, model_channels, overlay_rgb, save_png
+from dlvae_jax.eval import inference
+from dlvae_jax.eval.evaluate import model_channels
+from dlvae_jax.metrics import decide
+from dlvae_jax.report import overlay_rgb, save_png
 
 BATCH_SIZE = 16
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
 _MASK_RE = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
 
 
-def load_predictor(workdir: str | os.PathLike, checkpoint: str = "best"):
-    """`dlvae_jax.train.inference.load_predictor`, imported on first use (tests replace this)."""
-    from dlvae_jax.train import inference
-
-    return inference.load_predictor(workdir, checkpoint)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -193,7 +191,7 @@ def predict(
     if samples < 0:
         raise DlvaeError(f"--samples must be at least 0, got {samples}")
     paths = collect_inputs(inputs)
-    predictor = load_predictor(workdir, checkpoint)
+    predictor = inference.load_predictor(workdir, checkpoint)
     rows: list[dict] = []
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:

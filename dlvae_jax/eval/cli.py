@@ -16,7 +16,7 @@ def _progress(args) -> bool:
 
 
 def _cmd_evaluate(args) -> int:
-    from dlvae_jax.train import evaluate
+    from dlvae_jax.eval import evaluate
 
     report = evaluate.evaluate(
         args.workdir,
@@ -34,7 +34,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from dlvae_jax.train import predict
+    from dlvae_jax.eval import predict
 
     rows = predict.predict(
         args.workdir,
@@ -53,8 +53,8 @@ def _cmd_predict(args) -> int:
 
 
 def register(subparsers) -> None:
-    from dlvae_jax.train.evaluate import SPLIT_CHOICES
-    from dlvae_jax.train.evaluate import __doc__ as evaluate_doc
+    from dlvae_jax.eval.evaluate import SPLIT_CHOICES
+    from dlvae_jax.eval.evaluate import __doc__ as evaluate_doc
 
     p = subparsers.add_parser(
         "evaluate",
@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
-    from dlvae_jax.train.predict import __doc__ as predict_doc
+    from dlvae_jax.eval.predict import __doc__ as predict_doc
 
     p = subparsers.add_parser(
         "predict",

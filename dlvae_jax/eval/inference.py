@@ -13,6 +13,7 @@ probabilities come back at the input's resolution.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import jax
@@ -23,9 +24,11 @@ from dlvae_jax import configs
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.models import apply_model, example_inputs
 from dlvae_jax.models.registry import MODELS
+from dlvae_jax.models.vae import LATENT_NAMES
 from dlvae_jax.train import experiment as ex
-from dlvae_jax.train.checkpoint import Checkpoints
-from dlvae_jax.train.loop import CONFIG_FILE, EVAL_SEED
+from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED
+from dlvae_jax.train.checkpoint import CheckpointWarning, Checkpoints, NoReadableCheckpoint, abstract
+from dlvae_jax.train.runners import batch_sharding, data_mesh, replicated
 from dlvae_jax.train.state import abstract_state
 from dlvae_jax.train.step import eval_outputs, prepare_inputs
 
@@ -33,17 +36,29 @@ CHECKPOINT_CHOICES = ("best", "latest")
 
 
 class Predictor:
-    def __init__(self, cfg, variables, step: int):
+    """A run's model as a function of raw slices.
+
+    The parameters are placed once, replicated over this process's devices;
+    each call splits its slices over all of them (padded up to a multiple of
+    the device count, the padding dropped from the result).
+    `checkpoint` says which save the weights came from ("best" or "latest").
+    """
+
+    def __init__(self, cfg, variables, step: int, checkpoint: str = "best"):
         self.config = cfg
         self.step = int(step)
-        self.variables = variables
+        self.checkpoint = checkpoint
+        self.mesh = data_mesh(jax.local_devices())
+        self._rows = batch_sharding(self.mesh)
+        self.variables = jax.device_put(variables, replicated(self.mesh))
         self.model = ex.model_from_config(cfg)
         self.prep = ex.prep_from_config(cfg)
         self.channels = 3 if cfg.data.channels == "all" else 1
         self.segments = MODELS[cfg.model.name].outputs_mask
         self._eval_key = jax.random.key_data(jax.random.key(EVAL_SEED))
         self._predict = jax.jit(functools.partial(eval_outputs, model=self.model, prep=self.prep,
-                                                  eval_key=self._eval_key))
+                                                  eval_key=self._eval_key),
+                                in_shardings=(replicated(self.mesh), self._rows), out_shardings=self._rows)
 
     def _batch(self, images: np.ndarray) -> dict:
         images = np.asarray(images)
@@ -54,24 +69,31 @@ class Predictor:
         if images.ndim != 4 or images.shape[-1] != self.channels:
             raise DlvaeError(f"expected slices [B, H, W{', 3' if self.channels == 3 else ''}], got {images.shape}")
         b = images.shape[0]
-        return {"image_BxHxWxC": jnp.asarray(images), "index_B": jnp.zeros((b,), jnp.int32),
-                "valid_B": jnp.ones((b,), bool)}
+        pad = -b % self.mesh.size
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+        rows = b + pad
+        return {"image_BxHxWxC": jax.device_put(images, self._rows),
+                "index_B": jax.device_put(np.zeros((rows,), np.int32), self._rows),
+                "valid_B": jax.device_put(np.arange(rows) < b, self._rows)}
 
     def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+        b = len(flair_BxHxW)
         out = self._predict(self.variables, self._batch(flair_BxHxW))
-        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+        return {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
 
     def sample(self, flair_BxHxW: np.ndarray, n: int, seed: int) -> np.ndarray:
         """n predictions with the latent z drawn from the label-free posterior
         q(z | x, Y = unknown) (float32 [n, B, H, W] probabilities). Models
         without a latent give n identical copies of the deterministic prediction."""
         batch = self._batch(flair_BxHxW)
+        b = len(flair_BxHxW)
         if self.config.model.name != "dlvae_cnn":
             prob = self(flair_BxHxW)["prob_BxHxW"]
             return np.repeat(prob[None], n, axis=0)
         fn = _sampler(self.model.clone(inference_label="unknown"), self.prep)
         keys = jax.random.split(jax.random.key(seed), n)
-        return np.stack([np.asarray(fn(self.variables, batch, self._eval_key, k)) for k in keys])
+        return np.stack([np.asarray(fn(self.variables, batch, self._eval_key, k))[:b] for k in keys])
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,9 +104,8 @@ def _sampler(model, prep):
         inputs = {k: v for k, v in inputs.items() if k not in ("label_B", "mask_BxHxW")}
         out, _ = apply_model(model, variables, inputs, train=False)
         means, logvars = out["latent_means"], out["latent_logvars"]
-        names = ("pp", "pv", "qq", "qv")
-        mean = jnp.concatenate([means[k] for k in names], -1)
-        std = jnp.exp(0.5 * jnp.concatenate([logvars[k] for k in names], -1))
+        mean = jnp.concatenate([means[k] for k in LATENT_NAMES], -1)
+        std = jnp.exp(0.5 * jnp.concatenate([logvars[k] for k in LATENT_NAMES], -1))
         z = mean + std * jax.random.normal(key, mean.shape)
         out, _ = apply_model(model, variables, dict(inputs, z_BxD=z), train=False)
         prob = jax.nn.sigmoid(out["mask_logits_BxHxW"].astype(jnp.float32))
@@ -105,7 +126,13 @@ def read_config(workdir: Path):
 
 
 def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
-    """The run's model at its best (highest validation Dice per volume) or latest checkpoint."""
+    """The run's model at its best (highest validation score) or latest checkpoint.
+
+    The one loader of a trained run: `evaluate`, `predict` and the Python API
+    all come here. It reads and never moves or writes anything. When "best"
+    has no readable save the latest is used, with a warning, and
+    `Predictor.checkpoint` says so. A checkpoint that does not match the
+    run's config raises `TemplateMismatch` naming the leaf."""
     if checkpoint not in CHECKPOINT_CHOICES:
         raise DlvaeError(f"--checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
     workdir = Path(workdir)
@@ -116,14 +143,22 @@ def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
     tx, _ = ex.optimizer_from_config(cfg)
     c = 3 if cfg.data.channels == "all" else 1
     template = abstract_state(model, tx, example_inputs(2, int(cfg.data.image_size), c))
-    ckpt = Checkpoints(workdir, keep=int(cfg.train.keep_checkpoints), async_save=False)
+    template = abstract(template, replicated(data_mesh(jax.local_devices())))
+    ckpt = Checkpoints(workdir, keep=int(cfg.train.keep_checkpoints), async_save=False, read_only=True)
+    used = checkpoint
     try:
-        restored = ckpt.restore_best(template) if checkpoint == "best" else None
+        restored = None
+        if checkpoint == "best":
+            try:
+                restored = ckpt.restore_best(template)
+            except NoReadableCheckpoint as err:
+                warnings.warn(f"{err}; using the latest checkpoint instead", CheckpointWarning, stacklevel=2)
         if restored is None:
+            used = "latest"
             restored = ckpt.restore_latest(template)
     finally:
         ckpt.close()
     if restored is None:
-        raise DlvaeError(f"{workdir}: no readable checkpoint (train first)")
+        raise DlvaeError(f"{workdir}: no checkpoint (train first)")
     state, _, meta = restored
-    return Predictor(cfg, state.variables(), int(meta["step"]))
+    return Predictor(cfg, state.variables(), int(meta["step"]), checkpoint=used)
