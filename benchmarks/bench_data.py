@@ -4,10 +4,16 @@ Two paths, both ending in global jax.Arrays sharded on the batch axis:
   array_record: lgg_mri TFDS source -> grain (shuffle, batch, threads) -> device
   tiff:         tifffile decode of the .tif files (thread pool)       -> device
 
+Then the training loader of a run (`dlvae_jax.data.source.split_loader`) on
+the train split of the seed-0 patient split, both sources, host batches as
+the training loop takes them (`next(host_iterator(train_dataset(...)))`):
+  memory:       TIFFs decoded into arrays once (load time printed apart)
+  array_record: the run's cache (build time and reuse check printed apart)
+
 Uses the real data at ../shared/data/lgg/kaggle_3m when present, otherwise a
 synthetic dataset (written to a temporary folder, nothing downloaded).
 
-    python benchmarks/bench_data.py [--data-dir DIR] [--epochs 3] [--threads 4]
+    python benchmarks/bench_data.py [--data-dir DIR] [--epochs 3] [--threads 4] [--loaders-only]
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dlvae_jax.data import lgg, pipeline, tfds_lgg
+from dlvae_jax.data import lgg, pipeline, source, tfds_lgg
 from dlvae_jax.data.pipeline import Shard
+from dlvae_jax.data.splits import make_splits
 from dlvae_jax.data.synth import synthesize
 from dlvae_jax.train import runners
 
@@ -65,6 +72,39 @@ def bench_tiff(index, sharding, epochs, threads) -> float:
     return n / dt
 
 
+def _drain_host(it) -> tuple[int, float]:
+    next(it)  # warm-up: thread start, first reads
+    n, t0 = 0, time.perf_counter()
+    for b in it:
+        n += b["image_BxHxWxC"].shape[0]
+    return n, time.perf_counter() - t0
+
+
+def bench_loaders(index, cache_dir: Path, epochs: int, threads: int, prefetch: int) -> None:
+    """Train loader slices/s of both sources on the same split and seed; set-up times apart."""
+    splits = make_splits(index, 0)
+    n = len(index.for_patients(splits["train"]))
+    batch = min(BATCH, n)
+    print(f"train loader (split_loader), seed-0 split: train {n} slices, batch {batch}, flair, "
+          f"{threads} threads, {epochs} epochs")
+    for kind in ("memory", "array_record"):
+        t0 = time.perf_counter()
+        loader = source.split_loader(index, splits, "train", "flair", source=kind, cache_dir=cache_dir)
+        if kind == "memory":
+            loader.load()
+            setup = f"TIFF load {time.perf_counter() - t0:.2f} s"
+        else:
+            build_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            again = source.split_loader(index, splits, "train", "flair", source=kind, cache_dir=cache_dir)
+            assert again.built is False
+            setup = f"cache build {build_s:.2f} s (all 3 splits), reuse check {time.perf_counter() - t1:.3f} s"
+        ds = pipeline.train_dataset(loader, global_batch_size=batch, seed=0, num_epochs=epochs + 1,
+                                    shard=Shard(0, 1))
+        got, dt = _drain_host(iter(pipeline.host_iterator(ds, num_threads=threads, prefetch=prefetch)))
+        print(f"  {kind:12s} {got / dt:8.0f} slices/s   ({setup})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=None)
@@ -72,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(4, 2 * (os.cpu_count() or 1)))
     ap.add_argument("--prefetch", type=int, default=8, help="host batches in flight")
     ap.add_argument("--tiff-epochs", type=int, default=1)
+    ap.add_argument("--loaders-only", action="store_true", help="only the train loader comparison")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,15 +123,17 @@ def main() -> None:
         else:
             label = os.path.relpath(data_dir, REPO_ROOT)
         index = lgg.scan(data_dir)
+        print(f"data: {label}: {len(index)} slices {index.image_shape}; {os.cpu_count()} CPU cores; "
+              f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+        bench_loaders(index, Path(tmp) / "cache", args.epochs, args.threads, args.prefetch)
+        if args.loaders_only:
+            return
         tfds_dir = Path(tmp) / "tfds"
         t0 = time.perf_counter()
         # All patients in one split: the benchmark reads every slice.
         tfds_lgg.build(data_dir, tfds_dir, fractions=(1.0, 0.0, 0.0), index=index)
         build_s = time.perf_counter() - t0
         sharding = runners.batch_sharding(runners.data_mesh())
-
-        print(f"data: {label}: {len(index)} slices {index.image_shape}; {os.cpu_count()} CPU cores; "
-              f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
         if len(index) < 8 * BATCH:
             print(f"note: only {len(index)} slices; figures below are dominated by warm-up and prefetch")
         print(f"tfds build: {build_s:.1f} s ({len(index) / build_s:.0f} slices/s)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import re
 import sys
 import warnings
 
@@ -25,7 +26,7 @@ _COMMAND_MODULES = (
     "dlvae_jax.data.cli",      # data synth|check|split|build
     "dlvae_jax.models.cli",    # models --summary
     "dlvae_jax.train.cli",     # train
-    "dlvae_jax.train.cli_eval",  # evaluate | predict
+    "dlvae_jax.eval.cli",  # evaluate | predict
 )
 
 
@@ -127,12 +128,39 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> None:
     parser.error(_unknown_message(parser, extras))
 
 
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _fit_hints(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """`message` without the hints that suggest an option the command does not have.
+
+    Errors raised deep down (e.g. the data scan) may add a hint such as
+    "--skip-bad skips bad slices" as a clause after "; " or in parentheses;
+    such a clause is dropped when the command that failed has no such option.
+    The first clause, the fault itself, is always kept.
+    """
+    if parser is None:
+        return message
+    known = set(_known_flags(parser))
+
+    def fits(clause: str) -> bool:
+        return all(flag in known for flag in _FLAG.findall(clause))
+
+    def in_parens(m: re.Match) -> str:
+        kept = [c for c in m.group(1).split("; ") if fits(c)]
+        return f" ({'; '.join(kept)})" if kept else ""
+
+    head, *rest = re.sub(r" \(([^()]*)\)", in_parens, message).split("; ")
+    return "; ".join([head] + [c for c in rest if fits(c)])
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     ours = category.__module__.startswith("dlvae_jax")
     print_warning(str(message) if ours else f"{message} ({category.__name__})")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     with signals.handle_signals():
         try:
             parser = build_parser()
@@ -149,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.showwarning = _one_line_warning
                 return int(args.func(args) or 0)
         except DlvaeError as err:
-            print(f"dlvae-jax: error: {err}", file=sys.stderr)
+            print(f"dlvae-jax: error: {_fit_hints(str(err), getattr(args, '_parser', None))}", file=sys.stderr)
             return 2
         except OSError as err:  # e.g. an output folder that cannot be written; the message names the path
             print(f"dlvae-jax: error: {err}", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 Whole output folders are `dlvae_jax.outdir`'s job (`output_folder`,
 `run_folder`, re-exported here); this module writes single files. Temporaries
-follow outdir's naming (``.NAME.tmp-<pid>-<random>``), so a later run removes
-those of a killed process.
+follow outdir's naming (``.NAME.dlvae-jax-tmp-<host>-<pid>-<random>``), so a later
+write of the same NAME removes those of a killed process.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def atomic_path(path: str | os.PathLike, *, replace_dir: bool = False) -> Iterat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
+    remove_stale_temporaries(path)
     with signals.critical():
         tmp = _sibling(path, "tmp")
         signals.register(tmp)

@@ -2,10 +2,14 @@
 
 Rules, the same for every command:
 
-- A folder we create carries a marker file, `MARKER` (JSON: command, version,
-  created, pid, host). `--overwrite` replaces only a folder with that marker;
-  a non-empty folder without it (the user's own files, a data set, `$PWD`) is
-  never deleted, whatever the flags.
+- A folder we create carries a marker file, `MARKER` (JSON: command, kind,
+  version, created, pid, host). `--overwrite` replaces only a folder whose
+  marker names the same command; a non-empty folder without it (the user's own
+  files, a data set, `$PWD`) is never deleted, whatever the flags.
+- A training workdir (a run folder of `WORKDIR_COMMANDS`) is never an output
+  folder, and no command but `train` writes a folder inside one, unless this
+  process holds that workdir (training writes its synthetic data there). A
+  folder that holds another dlvae-jax folder is never replaced.
 - An output equal to, inside, or around (holding) any input folder is refused,
   after resolving symlinks (and comparing inodes, for bind mounts).
 - `output_folder` writes into a fresh temporary sibling of the
@@ -13,18 +17,23 @@ Rules, the same for every command:
   renames it into place only when the command succeeded; an old folder is
   renamed aside first and deleted last, so at every instant the target holds
   either the old output or the new one.
-- Temporaries are named ``.NAME.tmp-<pid>-<random>`` (``.NAME.old-...`` for a
-  folder being replaced); every entry into this module removes, in the parent
-  folder, those whose process is gone, and puts back an old folder whose
-  replacement was cut off between its two renames.
-- A lock file beside the target, ``.NAME.lock`` (holding the writer's pid),
-  is held with `flock` for the whole write: a second writer is refused with a
-  message naming the holder's pid. The kernel drops the lock of a killed
-  process, so a stale lock file is simply taken over.
+- Temporaries are named ``.NAME.dlvae-jax-tmp-<host>-<pid>-<random>``
+  (``...-old-...`` for a folder being replaced; <host> is a hash of the host
+  name), a name no user picks. Before writing NAME, a command removes the
+  temporaries of that same NAME whose process (on this host) is gone, and puts
+  back an old folder whose replacement was cut off between its two renames.
+  Nothing else in the parent folder is ever touched.
+- A lock file beside the target, ``.NAME.dlvae-jax.lock`` (our JSON: program,
+  pid, host), is held with `flock` for the whole write: a second writer is
+  refused with a message naming the holder's pid. The kernel drops the lock of
+  a killed process, so a stale lock file of ours is simply taken over; a file
+  of that name that is not ours is never truncated or removed.
 - Errors are `OutputError` naming the path the user gave, never a temporary.
 
 `run_folder` is for folders that live across runs (a training workdir): it
-is reused when the marker's command is accepted, and nothing is staged.
+is reused when the marker's command is accepted, and nothing is staged. A
+`train` block that fails before its first checkpoint takes back what it added,
+so a corrected retry starts clean.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -48,13 +58,21 @@ from dlvae_jax.errors import DlvaeError, OutputError
 PathLike = Union[str, os.PathLike]
 
 MARKER = ".dlvae-jax"
+PROGRAM = "dlvae-jax"
 # Commands that share one run folder: `data split` prepares it, `train` fills
 # it, `evaluate` and `predict` add to it.
 WORKDIR_COMMANDS = ("data split", "data build", "train", "evaluate", "predict")
+# What a run folder's command produces that is worth keeping: a block of that
+# command that fails before producing any of it takes back what it added.
+RESULTS = {"train": ("checkpoints",)}
 
-_NAME_MAX = 150  # keeps ".NAME.tmp-<pid>-<random>" under the usual 255-byte limit
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
-_LOCK_RE = re.compile(r"^\.(?P<name>.+)\.lock$")
+_NAME_MAX = 150  # keeps ".NAME.dlvae-jax-tmp-<host>-<pid>-<random>" under the usual 255-byte limit
+_TMP_RE = re.compile(
+    r"^\.(?P<name>.+)\.dlvae-jax-(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+_LOCK_SUFFIX = ".dlvae-jax.lock"
+
+# Run folders this process holds (`run_folder` blocks in progress), resolved.
+_HELD: set[Path] = set()
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -64,18 +82,25 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def marker_data(command: str) -> dict:
-    return {
+def _host_tag() -> str:
+    return hashlib.sha1(_host().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def marker_data(command: str, kind: str | None = None) -> dict:
+    data = {
         "command": command,
         "version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pid": os.getpid(),
         "host": _host(),
     }
+    if kind is not None:
+        data["kind"] = kind  # "run" (run_folder) or "output" (output_folder)
+    return data
 
 
-def write_marker(folder: Path, command: str) -> None:
-    (Path(folder) / MARKER).write_text(json.dumps(marker_data(command), indent=2, sort_keys=True) + "\n")
+def write_marker(folder: Path, command: str, kind: str | None = None) -> None:
+    (Path(folder) / MARKER).write_text(json.dumps(marker_data(command, kind), indent=2, sort_keys=True) + "\n")
 
 
 def read_marker(folder: PathLike) -> dict | None:
@@ -92,6 +117,20 @@ def read_marker(folder: PathLike) -> dict | None:
     return data
 
 
+def is_workdir(folder: PathLike, marker: dict | None = None) -> bool:
+    """Whether `folder` is a training workdir: a run folder of `WORKDIR_COMMANDS`."""
+    folder = Path(folder)
+    marker = read_marker(folder) if marker is None else marker
+    if marker is None or marker["command"] not in WORKDIR_COMMANDS:
+        return False
+    kind = marker.get("kind")
+    if kind in ("run", "output"):
+        return kind == "run"
+    # A marker written before markers had a kind: judge by the contents.
+    return marker["command"] in ("train", "data split") or any(
+        os.path.lexists(folder / name) for name in ("config.json", "checkpoints"))
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -99,7 +138,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: someone else's live process
+    except (OSError, OverflowError):  # EPERM: someone else's live process
         return True
     return True
 
@@ -117,8 +156,15 @@ def _short(name: str) -> str:
 
 
 def sibling(target: Path, kind: str) -> str:
-    """Prefix of a temporary beside `target`: ``.NAME.<kind>-<pid>-`` (random part added by the caller)."""
-    return f".{_short(target.name)}.{kind}-{os.getpid()}-"
+    """Prefix of a temporary beside `target`: ``.NAME.dlvae-jax-<kind>-<host>-<pid>-`` (random part added
+    by the caller)."""
+    return f".{_short(Path(target).name)}.dlvae-jax-{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of `target`: ``.NAME.dlvae-jax.lock`` beside it."""
+    target = Path(target)
+    return target.parent / f".{_short(target.name)}{_LOCK_SUFFIX}"
 
 
 def _resolve(path: PathLike) -> Path:
@@ -152,6 +198,13 @@ def _strerror(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def _names(folder: Path) -> set[str]:
+    try:
+        return {p.name for p in folder.iterdir()}
+    except OSError:
+        return set()
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -169,6 +222,37 @@ def check_inputs(shown: Path, target: Path, inputs: Sequence[PathLike | None]) -
             raise OutputError(f"{shown}: holds the input folder {given}; choose another output folder")
 
 
+def _enclosing_workdir(target: Path) -> tuple[Path, dict] | None:
+    """The nearest training workdir above `target` that this process does not hold, with its marker."""
+    for parent in target.parents:
+        marker = read_marker(parent)
+        if marker is not None and is_workdir(parent, marker) and parent not in _HELD:
+            return parent, marker
+    return None
+
+
+def check_not_in_workdir(shown: Path, target: Path, command: str) -> None:
+    """Refuses a `target` inside a training workdir, for any command but `train`."""
+    if command == "train":
+        return
+    found = _enclosing_workdir(target)
+    if found is not None:
+        where, marker = found
+        raise OutputError(f"{shown}: is inside the training workdir {where} (made by `dlvae-jax "
+                          f"{marker['command']}`); `dlvae-jax {command}` does not write into one, so choose "
+                          "an output folder outside it")
+
+
+def _nested_folder(target: Path) -> tuple[Path, dict] | None:
+    """A folder below `target` that carries a marker of its own (another dlvae-jax folder), if any."""
+    for dirpath, dirnames, filenames in os.walk(target, onerror=lambda err: None):
+        if dirpath != os.fspath(target) and MARKER in filenames:
+            marker = read_marker(dirpath)
+            if marker is not None:
+                return Path(dirpath), marker
+    return None
+
+
 def _is_empty(shown: Path, target: Path) -> bool:
     try:
         with os.scandir(target) as it:
@@ -177,8 +261,8 @@ def _is_empty(shown: Path, target: Path) -> bool:
         raise OutputError(f"{shown}: cannot be read ({_strerror(err)})") from None
 
 
-def _check_replaceable(shown: Path, target: Path, overwrite: bool) -> None:
-    """Refuses an existing target unless it is an empty folder or (with overwrite) one we made."""
+def _check_replaceable(shown: Path, target: Path, overwrite: bool, command: str) -> None:
+    """Refuses an existing target unless it is an empty folder or (with overwrite) an output of `command`."""
     if not os.path.lexists(target):
         return
     if not target.is_dir():
@@ -192,9 +276,19 @@ def _check_replaceable(shown: Path, target: Path, overwrite: bool) -> None:
     if marker is None:
         raise OutputError(f"{shown}: already exists, is not empty and was not made by dlvae-jax (no {MARKER} "
                           "file); --overwrite only replaces folders dlvae-jax made, so choose another folder")
+    made_by = f"made by `dlvae-jax {marker['command']}`"
+    if is_workdir(target, marker):
+        raise OutputError(f"{shown}: is a training workdir ({made_by}); `dlvae-jax {command}` never writes "
+                          "over one, so choose another output folder")
+    if marker["command"] != command:
+        raise OutputError(f"{shown}: already exists ({made_by}); --overwrite only replaces an earlier output "
+                          f"of `dlvae-jax {command}`, so choose another folder")
     if not overwrite:
-        raise OutputError(f"{shown}: already exists (made by `dlvae-jax {marker['command']}`); "
-                          "pass --overwrite to replace it")
+        raise OutputError(f"{shown}: already exists ({made_by}); pass --overwrite to replace it")
+    nested = _nested_folder(target)
+    if nested is not None:
+        raise OutputError(f"{shown}: holds {nested[0]} (made by `dlvae-jax {nested[1]['command']}`) and is not "
+                          "replaced; move that folder out first, or choose another output folder")
 
 
 def _make_parents(shown: Path, folder: Path) -> list[Path]:
@@ -222,37 +316,72 @@ def _remove_created(created: list[Path]) -> None:
 # ----------------------------------------------------------------------------- locks and stale temporaries
 
 
+def _lock_content() -> bytes:
+    return json.dumps({"program": PROGRAM, "pid": os.getpid(), "host": _host()}).encode()
+
+
+def _read_lock(fd: int) -> dict | None:
+    """Our lock JSON read from `fd`, or None if the content is anything else."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096).decode())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
+        return None
+    # Ours: tagged with the program, or the {"pid", "host"} an earlier version wrote.
+    if data.get("program") == PROGRAM or set(data) == {"pid", "host"}:
+        return data
+    return None
+
+
+def _is_empty_fd(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_size == 0
+    except OSError:
+        return False
+
+
 class _Lock:
-    """An exclusive `flock` on a lock file holding the owner's pid."""
+    """An exclusive `flock` on our lock file, which holds our JSON (program, pid, host)."""
 
     def __init__(self, path: Path, shown: Path):
         self.path = path
         for _ in range(20):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise OutputError(f"{shown}: its lock file {path} is a symbolic link; it is not "
+                                      "dlvae-jax's, so remove it or choose another output folder") from None
                 raise OutputError(f"{shown}: cannot create its lock file beside it ({_strerror(err)})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
-                holder = _lock_owner(fd)
+                holder = _read_lock(fd)
                 os.close(fd)
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise OutputError(f"{shown}: cannot lock it ({_strerror(err)})") from None
-                who = f" (pid {holder})" if holder else ""
+                who = f" (pid {holder['pid']})" if holder else ""
                 raise OutputError(f"{shown}: another dlvae-jax process{who} is writing it; "
                                   "wait for it to finish or stop it") from None
             # The previous holder unlinks the file before releasing it: a lock
             # on an unlinked inode protects nothing, so start again.
             try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                st = os.stat(path, follow_symlinks=False)
+                same = st.st_ino == os.fstat(fd).st_ino and st.st_dev == os.fstat(fd).st_dev
             except FileNotFoundError:
                 same = False
             if not same:
                 os.close(fd)
                 continue
+            if not _is_empty_fd(fd) and _read_lock(fd) is None:
+                os.close(fd)  # someone else's file of that name: neither truncated nor removed
+                raise OutputError(f"{shown}: {path} exists and is not a dlvae-jax lock file; "
+                                  "remove it or choose another output folder")
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": _host()}).encode())
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, _lock_content())
             self.fd = fd
             signals.register(path)
             return
@@ -260,68 +389,48 @@ class _Lock:
 
     def release(self) -> None:
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            st = os.stat(self.path, follow_symlinks=False)
+            if st.st_ino == os.fstat(self.fd).st_ino and st.st_dev == os.fstat(self.fd).st_dev:
+                os.unlink(self.path)
         signals.unregister(self.path)
         os.close(self.fd)
 
 
-def _lock_owner(fd: int) -> int | None:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return int(json.loads(os.read(fd, 4096).decode())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _stale(entry: Path, pid: int) -> bool:
-    if _pid_alive(pid):
-        return False
-    marker = read_marker(entry) if entry.is_dir() else None
+def _stale(host: str, pid: int) -> bool:
     # Another machine's process on a shared file system: its pid means nothing here.
-    return marker is None or marker.get("host") in (None, _host())
+    return host == _host_tag() and not _pid_alive(pid)
 
 
-def remove_stale_temporaries(parent: Path) -> list[Path]:
-    """Removes our temporaries (and locks) in `parent` whose owner pid is no longer alive.
+def remove_stale_temporaries(target: PathLike) -> list[Path]:
+    """Removes the temporaries of `target` (and only those) whose process on this host is gone.
 
-    A ``.NAME.old-<pid>-*`` folder whose NAME is missing is the previous output
-    of a replacement cut off between its two renames: it is renamed back
-    instead. Returns the paths removed.
+    Only entries named ``.NAME.dlvae-jax-{tmp,old}-<host>-<pid>-<random>``
+    beside `target`, NAME being `target`'s own name, are considered: nothing
+    else in the parent folder is ever touched. A ``...-old-...`` folder whose
+    target is missing is the previous output of a replacement cut off between
+    its two renames: it is renamed back instead. Returns the paths removed.
     """
-    parent = Path(parent)
+    target = Path(target)
+    parent, name = target.parent, _short(target.name)
+    prefix = f".{name}.dlvae-jax-"
     try:
-        entries = sorted(parent.iterdir(), key=lambda p: (not p.name.endswith("old"), p.name))
+        entries = sorted((p for p in parent.iterdir() if p.name.startswith(prefix)),
+                         key=lambda p: (_TMP_RE.match(p.name) or {"kind": ""})["kind"] != "old")
     except OSError:
         return []
     removed = []
-    olds = [e for e in entries if (m := _TMP_RE.match(e.name)) and m["kind"] == "old"]
-    for entry in olds + [e for e in entries if e not in olds]:
+    for entry in entries:
         m = _TMP_RE.match(entry.name)
-        if m:
-            if not _stale(entry, int(m["pid"])):
-                continue
-            original = parent / m["name"]
-            if m["kind"] == "old" and len(m["name"]) < _NAME_MAX and not os.path.lexists(original):
+        if not m or m["name"] != name or not _stale(m["host"], int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not os.path.lexists(target):
+            # The only copy of the previous output: put back, or left alone, never removed.
+            if name == target.name:
                 with contextlib.suppress(OSError):
-                    os.rename(entry, original)
-                    continue
-            _remove(entry)
-            removed.append(entry)
-        elif _LOCK_RE.match(entry.name) and entry.is_file() and not entry.is_symlink():
-            try:
-                fd = os.open(entry, os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                owner = _lock_owner(fd)
-                if owner is None or not _pid_alive(owner):
-                    os.unlink(entry)
-                    removed.append(entry)
-            except OSError:
-                pass  # held: its writer is alive
-            finally:
-                os.close(fd)
+                    os.rename(entry, target)
+            continue
+        _remove(entry)
+        removed.append(entry)
     return removed
 
 
@@ -351,24 +460,28 @@ def output_folder(
 ) -> Iterator[Path]:
     """Yields a temporary folder (marker written) that becomes `path` when the block succeeds.
 
-    Checked before any work: not equal to, inside or around an input; an
-    existing `path` must be an empty folder, or (with `overwrite`) one that
-    carries our marker. On any exception, KeyboardInterrupt and SystemExit
-    included, the temporary is removed and the old folder stays as it was.
-    Raises OutputError naming `path`.
+    Checked before any work: not equal to, inside or around an input; not a
+    training workdir nor inside one (unless this process holds it); an
+    existing `path` must be an empty folder, or (with `overwrite`) an earlier
+    output of the same `command` that holds no other dlvae-jax folder. On any
+    exception, KeyboardInterrupt and SystemExit included, the temporary is
+    removed and the old folder stays as it was. Raises OutputError naming `path`.
     """
     shown = Path(path)
     target = _resolve(shown)
     check_inputs(shown, target, inputs)
-    _check_replaceable(shown, target, overwrite)
+    check_not_in_workdir(shown, target, command)
+    _check_replaceable(shown, target, overwrite, command)
     parent = target.parent
     created = _make_parents(shown, parent)
     lock = tmp = None
     done = False
     try:
-        lock = _Lock(parent / f".{_short(target.name)}.lock", shown)
-        remove_stale_temporaries(parent)
-        _check_replaceable(shown, target, overwrite)  # again, now that no other writer can change it
+        lock = _Lock(lock_path(target), shown)
+        remove_stale_temporaries(target)
+        # Again, now that no other writer can change it.
+        check_not_in_workdir(shown, target, command)
+        _check_replaceable(shown, target, overwrite, command)
         with signals.critical():
             try:
                 tmp = Path(tempfile.mkdtemp(prefix=sibling(target, "tmp"), dir=parent))
@@ -376,7 +489,7 @@ def output_folder(
                 raise OutputError(f"{shown}: cannot be created ({_strerror(err)})") from None
             signals.register(tmp)
         os.chmod(tmp, _folder_mode())
-        write_marker(tmp, command)
+        write_marker(tmp, command, kind="output")
         try:
             yield tmp
         except (OSError, DlvaeError) as err:
@@ -384,7 +497,7 @@ def output_folder(
             if better is not None:
                 raise better from None
             raise
-        _commit(tmp, target, shown, overwrite)
+        _commit(tmp, target, shown, overwrite, command)
         done = True
     finally:
         with signals.critical():
@@ -397,9 +510,9 @@ def output_folder(
                 _remove_created(created)
 
 
-def _commit(tmp: Path, target: Path, shown: Path, overwrite: bool) -> None:
+def _commit(tmp: Path, target: Path, shown: Path, overwrite: bool, command: str) -> None:
     with signals.critical():
-        _check_replaceable(shown, target, overwrite)
+        _check_replaceable(shown, target, overwrite, command)
         try:
             if os.path.lexists(target):
                 old = Path(tempfile.mkdtemp(prefix=sibling(target, "old"), dir=target.parent))
@@ -416,6 +529,17 @@ def _commit(tmp: Path, target: Path, shown: Path, overwrite: bool) -> None:
             raise OutputError(f"{shown}: could not be put in place ({_strerror(err)})") from None
 
 
+def _has_results(folder: Path, names: Sequence[str]) -> bool:
+    """Whether any of `names` in `folder` is a file or a folder holding at least one file."""
+    for name in names:
+        p = folder / name
+        if p.is_file():
+            return True
+        if p.is_dir() and any(f for _, _, files in os.walk(p) for f in files):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def run_folder(
     path: PathLike,
@@ -429,15 +553,19 @@ def run_folder(
     """Yields the resolved folder `path`, created (with the marker) or reused, locked for the block.
 
     Absent or empty: created with the marker. Carrying our marker of `command`
-    (or of a command in `accept`): reused when `resume`. Carrying our marker of
-    another command, or not empty without a marker: refused, except that with
-    `overwrite` a folder with our marker is emptied and re-created (`overwrite`
-    wins over `resume`). A folder this block created that still holds only the
-    marker when the block fails is removed again. Raises OutputError naming `path`.
+    (or of a command in `accept`): reused when `resume`, emptied and
+    re-created with `overwrite` (`overwrite` wins over `resume`). Carrying our
+    marker of another command, or not empty without a marker: refused,
+    `overwrite` or not. Inside a training workdir: refused for any command
+    but `train`. When the block fails: a command with `RESULTS` that produced
+    none of them takes back what the block added to the folder; a folder this
+    block created that then holds only the marker is removed again. Raises
+    OutputError naming `path`.
     """
     shown = Path(path)
     target = _resolve(shown)
     check_inputs(shown, target, inputs)
+    check_not_in_workdir(shown, target, command)
     accepted = {command, *accept}
 
     def decide() -> str:
@@ -451,11 +579,12 @@ def run_folder(
         if marker is None:
             raise OutputError(f"{shown}: already exists, is not empty and was not made by dlvae-jax (no {MARKER} "
                               "file); --overwrite only replaces folders dlvae-jax made, so choose another folder")
-        if overwrite:
-            return "wipe"
         if marker["command"] not in accepted:
             raise OutputError(f"{shown}: was made by `dlvae-jax {marker['command']}`, not for "
-                              f"`dlvae-jax {command}`; choose another folder or pass --overwrite to replace it")
+                              f"`dlvae-jax {command}`, and is not replaced, --overwrite or not; "
+                              "choose another folder")
+        if overwrite:
+            return "wipe"
         if not resume:
             raise OutputError(f"{shown}: already exists; pass --overwrite to start over")
         return "reuse"
@@ -466,12 +595,14 @@ def run_folder(
     lock = None
     made = False
     ok = False
+    before: set[str] | None = None
     try:
         if os.access(parent, os.W_OK | os.X_OK) or not target.is_dir():
-            lock = _Lock(parent / f".{_short(target.name)}.lock", shown)
-            remove_stale_temporaries(parent)
+            lock = _Lock(lock_path(target), shown)
+            remove_stale_temporaries(target)
         else:  # e.g. a mount point in a read-only parent: lock inside the folder
             lock = _Lock(target / f"{MARKER}.lock", shown)
+        check_not_in_workdir(shown, target, command)
         action = decide()
         with signals.critical():
             if action == "wipe":
@@ -480,22 +611,28 @@ def run_folder(
                 try:
                     made = not os.path.lexists(target)
                     target.mkdir(exist_ok=True)
-                    write_marker(target, command)
+                    write_marker(target, command, kind="run")
                 except OSError as err:
                     raise OutputError(f"{shown}: cannot be created ({_strerror(err)})") from None
         if not os.access(target, os.W_OK | os.X_OK):
             raise OutputError(f"{shown}: is not writable")
-        yield target
+        before = _names(target)
+        _HELD.add(target)
+        try:
+            yield target
+        finally:
+            _HELD.discard(target)
         ok = True
     finally:
         with signals.critical():
+            if not ok and before is not None and command in RESULTS and not _has_results(target, RESULTS[command]):
+                for name in sorted(_names(target) - before - {f"{MARKER}.lock"}):
+                    _remove(target / name)
             if not ok and made and _only_marker(target):
                 _remove(target)
             if lock is not None:
                 lock.release()
-            if not ok and not made:
-                _remove_created(created)
-            elif not ok and not os.path.lexists(target):
+            if not ok and not os.path.lexists(target):
                 _remove_created(created)
 
 

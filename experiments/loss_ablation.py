@@ -94,7 +94,8 @@ def run(args) -> dict:
 
     from dlvae_jax import configs
     from dlvae_jax.data import lgg
-    from dlvae_jax.data.pipeline import ArrayLoader, Shard, host_iterator, train_dataset
+    from dlvae_jax.data.pipeline import Shard, host_iterator, train_dataset
+    from dlvae_jax.data.source import split_loader
     from dlvae_jax.data.splits import make_splits
     from dlvae_jax.models import example_inputs
     from dlvae_jax.train import ablation
@@ -117,7 +118,7 @@ def run(args) -> dict:
 
     index = lgg.scan(args.data_dir)
     splits = make_splits(index, int(cfg.data.split_seed), tuple(float(f) for f in cfg.data.fractions))
-    data = {name: ex.load_split(index, splits, name, cfg.data.channels) for name in ("train", "validation", "test")}
+    data = {name: split_loader(index, splits, name, cfg.data.channels) for name in ("train", "validation", "test")}
 
     model = ex.model_from_config(cfg)
     tx, schedule = ex.optimizer_from_config(cfg)
@@ -126,10 +127,10 @@ def run(args) -> dict:
     names = list(variants)
     n_var = len(names)
     losses = ablation.stack_losses([variants[n] for n in names])
-    c = data["train"].images.shape[-1] if data["train"].images.ndim == 4 else 1
+    c = 3 if cfg.data.channels == "all" else 1
     state0 = jax.device_get(create_state(model, tx, jax.random.key(int(args.seed)), example_inputs(2, int(cfg.data.image_size), c)))
     bs = int(cfg.train.batch_size)
-    ds = train_dataset(ArrayLoader(data["train"].images, data["train"].masks), global_batch_size=bs,
+    ds = train_dataset(data["train"], global_batch_size=bs,
                        seed=int(args.seed), shard=Shard(0, 1))
 
     sstep = ablation.sequential_step(model, tx, prep, augment, schedule)

@@ -1,7 +1,8 @@
-"""TFDS `lgg_mri` builder, raw decoding and the grain pipeline."""
+"""TFDS `lgg_mri` builder, raw decoding, the grain pipeline and the run's loaders (memory / array_record)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import pytest
 import tifffile
 
 from dlvae_jax.cli import main
-from dlvae_jax.data import lgg, pipeline, tfds_lgg
+from dlvae_jax.data import lgg, pipeline, source, tfds_lgg
 from dlvae_jax.data.pipeline import Shard
-from dlvae_jax.data.splits import read_splits
+from dlvae_jax.data.splits import make_splits, read_splits, records_for_split
 from dlvae_jax.data.synth import synthesize
 from dlvae_jax.errors import DataError
 
@@ -155,3 +156,257 @@ def test_multi_device_global_batches_without_tensorflow(built):
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- dlvae_jax.data.source
+#
+# The run's loaders: in memory or from an array_record cache built from the
+# run's own splits. Tiny synthetic data (32x32, 6 patients x 5 slices).
+
+
+def _tiny(path, slices=5):
+    data = synthesize(path, n_patients=6, seed=1, size=32, slices_per_patient=slices)
+    index = lgg.scan(data)
+    return index, make_splits(index, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(index, splits, cache_dir): a tiny dataset and one cache folder shared by the read-only tests."""
+    index, splits = _tiny(tmp_path_factory.mktemp("tiny") / "lgg")
+    assert len(records_for_split(index, splits, "train")) == 20 and len(records_for_split(index, splits, "validation"))
+    return index, splits, tmp_path_factory.mktemp("cache")
+
+
+def _pair(tiny, split, channels="flair"):
+    index, splits, cache = tiny
+    mem = source.split_loader(index, splits, split, channels)
+    arr = source.split_loader(index, splits, split, channels, source="array_record", cache_dir=cache)
+    assert isinstance(mem, source.MemoryLoader) and isinstance(arr, source.ArrayRecordLoader)
+    return mem, arr
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() == set(pipeline.BATCH_KEYS)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_choose_source_rule():
+    assert source.choose_source(4096) == "memory"  # 4096 x 128 KiB (256x256 FLAIR + mask) = 512 MiB
+    assert source.choose_source(4097) == "array_record"
+    all3 = source.slice_bytes(256, "all")
+    assert all3 == 4 * 256 * 256
+    assert source.choose_source(2048, bytes_per_slice=all3) == "memory"
+    assert source.choose_source(2049, bytes_per_slice=all3) == "array_record"
+    assert source.choose_source(10**6, "memory") == "memory"
+    assert source.choose_source(1, "array_record") == "array_record"
+    with pytest.raises(ValueError):
+        source.choose_source(1, "disk")
+
+
+@pytest.mark.parametrize("channels", ["flair", "all"])
+def test_train_batches_identical_on_both_paths_and_resume_across_them(tiny, channels):
+    """Same seed: byte-identical batches over two epochs; a data position saved on
+    one path resumes on the exact next batch on either path."""
+    mem, arr = _pair(tiny, "train", channels)
+
+    def iterator(loader):
+        ds = pipeline.train_dataset(loader, global_batch_size=4, seed=3, shard=Shard(0, 1))
+        return iter(pipeline.host_iterator(ds, num_threads=2, prefetch=4))
+
+    it_m, it_a = iterator(mem), iterator(arr)
+    steps = 12  # 20 slices / 4 = 5 batches an epoch: crosses two epoch boundaries
+    saved_at, states, tail = 7, {}, []
+    for step in range(steps):
+        bm, ba = next(it_m), next(it_a)
+        _assert_same(bm, ba)
+        if step == 0:
+            c = 1 if channels == "flair" else 3
+            assert bm["image_BxHxWxC"].shape == (4, 32, 32, c) and bm["valid_B"].all()
+        if step + 1 == saved_at:
+            states = {"memory": it_m.get_state(), "array_record": it_a.get_state()}
+        if step + 1 > saved_at:
+            tail.append(bm)
+    assert states["memory"] == states["array_record"]
+    for saved in states.values():
+        for loader in (mem, arr):
+            it = iterator(loader)
+            it.set_state(json.loads(json.dumps(saved)))  # as a checkpoint stores it
+            for want in tail:
+                _assert_same(next(it), want)
+
+
+def test_eval_batches_identical_on_both_paths(tiny):
+    for split in ("validation", "train"):
+        mem, arr = _pair(tiny, split)
+        got_m = list(pipeline.eval_dataset(mem, global_batch_size=3, shard=Shard(0, 1)))
+        got_a = list(pipeline.eval_dataset(arr, global_batch_size=3, shard=Shard(0, 1)))
+        assert len(got_m) == len(got_a) == -(-len(mem) // 3)
+        assert not got_m[-1]["valid_B"].all() or len(mem) % 3 == 0
+        for bm, ba in zip(got_m, got_a):
+            _assert_same(bm, ba)
+
+
+def test_records_are_in_loader_order_and_memory_loads_lazily(tiny):
+    index, splits, _ = tiny
+    mem, arr = _pair(tiny, "train")
+    assert mem._arrays is None and len(mem) == 20  # nothing read yet
+    want = records_for_split(index, splits, "train")
+    assert mem.records == arr.records == want
+    batch = arr(np.array([19, -1, 0, 7]))
+    for row, i in enumerate([19, -1, 0, 7]):
+        if i < 0:
+            assert not batch["valid_B"][row] and not batch["image_BxHxWxC"][row].any()
+            continue
+        np.testing.assert_array_equal(batch["image_BxHxWxC"][row, ..., 0], tifffile.imread(want[i].path)[..., 1])
+        np.testing.assert_array_equal(batch["mask_BxHxW"][row], tifffile.imread(want[i].mask_path) > 0)
+    assert read_splits(arr.tfds_dir) == splits  # the cache's splits.json is the run's
+
+
+def test_each_process_reads_only_its_shard(tiny):
+    _, arr = _pair(tiny, "train")
+    n = len(arr)
+
+    class Spy:  # records what the array_record source is asked to read
+        def __init__(self, src):
+            self.src, self.read = src, []
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitems__(self, idx):
+            self.read += list(idx)
+            return self.src.__getitems__(idx)
+
+    for make, total in ((lambda ld, p: pipeline.train_dataset(ld, global_batch_size=4, seed=0, num_epochs=1,
+                                                                  shard=Shard(p, 2)), n // 4 * 4),
+                        (lambda ld, p: pipeline.eval_dataset(ld, global_batch_size=6, shard=Shard(p, 2)), n)):
+        reads = []
+        for p in range(2):
+            loader = source.ArrayRecordLoader(arr.tfds_dir, "train", "flair", arr.records)
+            loader.source = spy = Spy(loader.source)
+            got = [i for b in make(loader, p) for i in b["index_B"][b["valid_B"]].tolist()]
+            assert sorted(spy.read) == sorted(got)  # read exactly what this process yields
+            reads.append(set(spy.read))
+        assert not reads[0] & reads[1] and len(reads[0] | reads[1]) == total
+
+
+def test_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path):
+    index, splits = _tiny(tmp_path / "lgg")
+    cache = tmp_path / "cache"
+    n0 = source.build_count
+    a = source.split_loader(index, splits, "train", source="array_record", cache_dir=cache)
+    manifest = a.tfds_dir / tfds_lgg.NAME / source.CACHE_FILE
+    stamp = manifest.stat().st_mtime_ns
+    assert a.built and source.build_count == n0 + 1
+    b = source.split_loader(index, splits, "validation", source="array_record", cache_dir=cache)
+    assert not b.built and b.tfds_dir == a.tfds_dir and source.build_count == n0 + 1
+    assert manifest.stat().st_mtime_ns == stamp
+
+    moved = {"train": splits["train"][1:], "validation": splits["validation"] + splits["train"][:1],
+             "test": splits["test"]}
+    c = source.split_loader(index, moved, "validation", source="array_record", cache_dir=cache)
+    assert c.built and c.tfds_dir != a.tfds_dir and source.build_count == n0 + 2
+    assert c.records == records_for_split(index, moved, "validation")
+    mem = source.split_loader(index, moved, "validation")
+    _assert_same(mem(np.arange(len(mem))), c(np.arange(len(c))))
+
+    # A slice file changed since the build: the same cache is built again.
+    f = index.records[0].mask_path
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    d = source.split_loader(index, splits, "train", source="array_record", cache_dir=cache)
+    assert d.built and d.tfds_dir == a.tfds_dir and source.build_count == n0 + 3
+    assert manifest.stat().st_mtime_ns != stamp
+    e = source.split_loader(index, splits, "train", source="array_record", cache_dir=cache)
+    assert not e.built and source.build_count == n0 + 3
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "no cache.json", "left-over staging"])
+def test_damaged_or_half_written_cache_is_rebuilt(tmp_path, damage):
+    index, splits = _tiny(tmp_path / "lgg")
+    cache = tmp_path / "cache"
+    a = source.split_loader(index, splits, "train", source="array_record", cache_dir=cache)
+    final = a.tfds_dir / tfds_lgg.NAME
+    want = a(np.arange(len(a)))
+    del a
+    if damage == "truncated shard":
+        shard = next((final / "1.0.0").glob("*-train.array_record-*"))
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "no cache.json":
+        (final / source.CACHE_FILE).unlink()
+    else:  # a builder killed before its rename: staging beside, nothing in place
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        from dlvae_jax.outdir import sibling
+
+        staging = final.parent / (sibling(final, "tmp").replace(f"-{os.getpid()}-", f"-{dead}-") + "x1")
+        os.rename(final, staging)
+        (staging / source.CACHE_FILE).unlink()
+    n0 = source.build_count
+    b = source.split_loader(index, splits, "train", source="array_record", cache_dir=cache)
+    assert b.built and source.build_count == n0 + 1
+    _assert_same(b(np.arange(len(b))), want)
+    assert final.is_dir() and not [p.name for p in final.parent.iterdir() if "tmp" in p.name or "old" in p.name]
+
+
+def test_users_tfds_dir_must_hold_the_runs_splits(tmp_path):
+    index, splits = _tiny(tmp_path / "lgg")
+    built_dir = tmp_path / "tfds"
+    tfds_lgg.build(index.root, built_dir, split_seed=0, index=index)  # seed 0: the run's splits
+    arr = source.split_loader(index, splits, "train", source="auto", tfds_dir=built_dir)
+    assert isinstance(arr, source.ArrayRecordLoader) and not arr.built
+    mem = source.split_loader(index, splits, "train")
+    for bm, ba in zip(pipeline.train_dataset(mem, global_batch_size=4, seed=0, num_epochs=1, shard=Shard(0, 1)),
+                      pipeline.train_dataset(arr, global_batch_size=4, seed=0, num_epochs=1, shard=Shard(0, 1))):
+        _assert_same(bm, ba)
+
+    other = make_splits(index, 5)
+    assert other["train"] != splits["train"]
+    with pytest.raises(DataError, match=f"^{built_dir}: its 'train' split is not the run's"):
+        source.split_loader(index, other, "train", source="array_record", tfds_dir=built_dir)
+    # Same patients, other slices: a build of another folder.
+    index4, _ = _tiny(tmp_path / "lgg4", slices=4)
+    other_dir = tmp_path / "tfds4"
+    tfds_lgg.build(index4.root, other_dir, split_seed=0, index=index4)
+    with pytest.raises(DataError, match=f"^{other_dir}: its 'train' split holds 16 slices"):
+        source.split_loader(index, splits, "train", source="array_record", tfds_dir=other_dir)
+    with pytest.raises(DataError, match="no readable|not a readable"):
+        source.split_loader(index, splits, "train", source="array_record", tfds_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError):
+        source.split_loader(index, splits, "train", source="memory", tfds_dir=built_dir)
+
+
+def test_split_loader_refusals(tiny):
+    index, splits, _ = tiny
+    with pytest.raises(ValueError, match="cache_dir"):
+        source.split_loader(index, splits, "train", source="array_record")
+    with pytest.raises(DataError, match="no slices"):
+        source.split_loader(index, dict(splits, test=[]), "test")
+    with pytest.raises(DataError, match="no split named"):
+        source.split_loader(index, splits, "holdout")
+    assert isinstance(source.split_loader(index, splits, "train", source="auto"), source.MemoryLoader)
+
+
+def test_concurrent_callers_build_the_cache_once(tmp_path):
+    import threading
+
+    index, splits = _tiny(tmp_path / "lgg")
+    n0 = source.build_count
+    results, errors = [], []
+
+    def call(split):
+        try:
+            results.append(source.split_loader(index, splits, split, source="array_record", cache_dir=tmp_path / "c"))
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(s,)) for s in ("train", "validation", "train")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and source.build_count == n0 + 1
+    assert sorted(r.built for r in results) == [False, False, True]

@@ -25,8 +25,8 @@ import pytest
 from dlvae_jax.cli import build_parser, main
 from dlvae_jax.classical import blank_slices
 from dlvae_jax.data.synth import synthesize
-from dlvae_jax.errors import OutputError
-from dlvae_jax.outdir import MARKER, output_folder, remove_stale_temporaries, run_folder
+from dlvae_jax.errors import DlvaeError, OutputError
+from dlvae_jax.outdir import MARKER, lock_path, output_folder, remove_stale_temporaries, run_folder, sibling
 
 from conftest import REPO_ROOT
 
@@ -306,7 +306,7 @@ def test_write_error_names_the_users_path(tmp_path, capsys, monkeypatch):
     line = one_line(err)
     assert rc == 1 or rc == 2
     assert line.startswith(f"dlvae-jax: error: {out}/TCGA_SY_0001_20000101/") and "No space left" in line
-    assert ".tmp-" not in line and list(tmp_path.iterdir()) == []
+    assert "dlvae-jax-tmp-" not in line and list(tmp_path.iterdir()) == []
 
 
 def test_concurrent_writer_is_refused(tmp_path, capsys):
@@ -357,23 +357,218 @@ def _dead_pid() -> int:
     return p.pid
 
 
+def _ours(target: Path, kind: str, pid: int, rest: str = "abc123") -> Path:
+    """The name our temporary of `target` would have in process `pid`."""
+    return target.parent / (sibling(target, kind).replace(f"-{os.getpid()}-", f"-{pid}-") + rest)
+
+
 def test_stale_temporaries_are_removed_and_a_cut_swap_restored(tmp_path, capsys):
     dead = _dead_pid()
-    (tmp_path / f".out.tmp-{dead}-abc123").mkdir()
-    (tmp_path / f".out.tmp-{dead}-abc123" / "big").write_bytes(b"x" * 1000)
-    (tmp_path / f".splits.json.tmp-{dead}-zz").write_text("{")
-    (tmp_path / ".out.lock").write_text(json.dumps({"pid": dead}))
-    (tmp_path / f".prev.old-{dead}-q1").mkdir()  # cut off between the two renames of a replacement
-    (tmp_path / f".prev.old-{dead}-q1" / "summary.json").write_text("{}")
-    alive = tmp_path / f".other.tmp-{os.getpid()}-x"
+    out, prev = tmp_path / "out", tmp_path / "prev"
+    _ours(out, "tmp", dead).mkdir()
+    (_ours(out, "tmp", dead) / "big").write_bytes(b"x" * 1000)
+    _ours(out, "tmp", dead, "zz").write_text("{")  # a file temporary (dlvae_jax.io)
+    _ours(prev, "old", dead, "q1").mkdir()  # cut off between the two renames of a replacement
+    (_ours(prev, "old", dead, "q1") / "summary.json").write_text("{}")
+    alive = _ours(out, "tmp", os.getpid(), "x")
     alive.mkdir()
-    rc, _, _ = run_cli(["data", "synth", "--out", tmp_path / "out", "--size", "32", "--slices", "3",
-                        "--patients", "1"], capsys)
+    rc, _, _ = run_cli(["data", "synth", "--out", out, "--size", "32", "--slices", "3", "--patients", "1"], capsys)
     assert rc == 0
-    assert temporaries(tmp_path) == [alive.name]
-    assert (tmp_path / "prev" / "summary.json").read_text() == "{}"
+    # Only the temporaries of the output written are swept; prev's is another output's business.
+    assert temporaries(tmp_path) == sorted([alive.name, _ours(prev, "old", dead, "q1").name])
+    assert remove_stale_temporaries(prev) == [] and (prev / "summary.json").read_text() == "{}"
     alive.rmdir()
-    assert remove_stale_temporaries(tmp_path) == []
+    assert remove_stale_temporaries(out) == [] and temporaries(tmp_path) == []
+
+
+def test_the_sweep_touches_nothing_that_is_not_ours(tmp_path, capsys):
+    """Entries that merely look like temporaries, other outputs' names and other programs' locks stay."""
+    dead = _dead_pid()
+    p = tmp_path / "P"
+    (p / "backup").mkdir(parents=True)
+    (p / ".backup.old-2023-final").mkdir()
+    (p / ".backup.old-2023-final" / "thesis.txt").write_text("v1")
+    (p / ".notes.tmp-1999-x").write_text("n")
+    (p / f".out.tmp-{dead}-abc").mkdir()  # our old naming, or a user's: not recognisably ours
+    (p / ".s.PGSQL.5432.lock").write_text(f"{os.getpid()}\n")  # a live process's lock
+    (p / ".out.lock").write_text(json.dumps({"pid": dead}))
+    (p / ".x.lock").write_text("")
+    before = tree_hash(p)
+    rc, _, err = run_cli(["data", "synth", "--out", p / "out", "--patients", "2", "--size", "64", "--slices", "3"],
+                         capsys)
+    assert rc == 0, err
+    after = tree_hash(p)
+    assert {k: v for k, v in after.items() if not k.startswith("out")} == before
+    assert temporaries(p) == sorted(k for k in before if "/" not in k and k.startswith("."))
+    # A file named like our lock that is not ours is neither truncated nor removed: the write is refused.
+    (p / ".other.dlvae-jax.lock").write_text("a user's file")
+    rc, _, err = run_cli(["data", "synth", "--out", p / "other", "--patients", "1", "--size", "32", "--slices", "3"],
+                         capsys)
+    assert rc == 2 and "not a dlvae-jax lock file" in one_line(err)
+    assert (p / ".other.dlvae-jax.lock").read_text() == "a user's file" and not (p / "other").exists()
+    # Our own lock of a dead process is taken over and gone afterwards.
+    lock_path(p / "again").write_text(json.dumps({"program": "dlvae-jax", "pid": dead, "host": "h"}))
+    rc, _, err = run_cli(["data", "synth", "--out", p / "again", "--patients", "1", "--size", "32", "--slices", "3"],
+                         capsys)
+    assert rc == 0, err
+    assert not lock_path(p / "again").exists()
+
+
+def _fake_workdir(tmp_path: Path) -> Path:
+    """A training workdir as `train` leaves it: marker, config, its synthetic data, a checkpoint."""
+    with run_folder(tmp_path / "W", "train") as w:
+        (w / "config.json").write_text("{}")
+        synthesize(w / "data", n_patients=2, seed=0, size=32, slices_per_patient=3)  # train does this
+        (w / "checkpoints" / "latest" / "1").mkdir(parents=True)
+        (w / "checkpoints" / "latest" / "1" / "state").write_text("weights")
+    return tmp_path / "W"
+
+
+def test_overwrite_never_replaces_a_training_workdir_or_anything_in_it(tmp_path, capsys, monkeypatch):
+    import dlvae_jax.eval.inference as inference_mod
+    import dlvae_jax.eval.predict as predict_mod
+
+    w = _fake_workdir(tmp_path)
+    patient = sorted(p for p in (w / "data").iterdir() if p.is_dir())[0]
+    ds = tmp_path / "ds"  # a data set outside the workdir
+    elsewhere = ds / patient.name
+    shutil.copytree(patient, elsewhere)
+    for mod in (predict_mod, inference_mod):  # the output is refused before the model is used
+        if hasattr(mod, "load_predictor"):
+            monkeypatch.setattr(mod, "load_predictor", lambda *a, **k: None)
+    before = tree_hash(tmp_path)
+    synth = ["--patients", "1", "--size", "32", "--slices", "3", "--overwrite"]
+    cases = [
+        (["predict", "--workdir", w, "--out", w / "data", "--overwrite", "--quiet", elsewhere], "inside the training"),
+        (["predict", "--workdir", w, "--out", w / "checkpoints", "--overwrite", "--quiet", elsewhere], "inside"),
+        (["predict", "--workdir", w, "--out", w / "new", "--quiet", elsewhere], "inside the training workdir"),
+        (["classical", "--data-dir", ds, "--out", w, "--overwrite", "--quiet"], "is a training workdir"),
+        (["classical", "--data-dir", ds, "--out", w / "data", "--overwrite", "--quiet"], "inside"),
+        (["data", "synth", "--out", w, *synth], "is a training workdir"),
+        (["data", "synth", "--out", w / "data", *synth], "inside the training workdir"),
+        (["data", "split", "--data-dir", ds, "--workdir", w / "data", "--overwrite"], "inside"),
+    ]
+    for args, words in cases:
+        rc, _, err = run_cli(args, capsys)
+        line = one_line(err)
+        assert rc == 2 and words in line and "choose" in line, (args, line)
+        assert tree_hash(tmp_path) == before, args
+    # --overwrite replaces only an earlier output of the same command.
+    c = tmp_path / "c"
+    assert run_cli(["data", "synth", "--out", c, *synth], capsys)[0] == 0
+    before = tree_hash(tmp_path)
+    rc, _, err = run_cli(["classical", "--data-dir", ds, "--out", c, "--overwrite", "--quiet"], capsys)
+    assert rc == 2 and "only replaces an earlier output of `dlvae-jax classical`" in one_line(err)
+    with pytest.raises(OutputError, match="made by `dlvae-jax data synth`"):
+        with run_folder(c, "train", overwrite=True):
+            pass
+    assert tree_hash(tmp_path) == before
+    # ... and never one that has come to hold another dlvae-jax folder, such as a run.
+    shutil.move(w, c / "W")
+    before = tree_hash(tmp_path)
+    rc, _, err = run_cli(["data", "synth", "--out", c, *synth], capsys)
+    assert rc == 2 and f"holds {(c / 'W').resolve()}" in one_line(err)
+    assert tree_hash(tmp_path) == before
+
+
+BAD_CONFIGS = {
+    "seed_negative": (None, ["train.seed=-1"], "train.seed"),
+    "seed_2_64": (None, ["train.seed=18446744073709551616"], "train.seed"),
+    "split_seed": (None, ["data.split_seed=4294967296"], "data.split_seed"),
+    "fractions_negative": (None, ["data.fractions=(-1.0,1.0,1.0)"], "data.fractions"),
+    "fractions_no_train": (None, ["data.fractions=(0.0,0.5,0.5)"], "data.fractions"),
+    "fractions_sum": (None, ["data.fractions=(0.5,0.5,0.5)"], "data.fractions"),
+    "lr_inf": (None, ["optimizer.learning_rate=1e999"], "optimizer.learning_rate"),
+    "lr_huge_int": (None, ["optimizer.learning_rate=1" + "0" * 400], "optimizer.learning_rate"),
+    "steps_zero": (None, ["train.steps=0"], "train.steps"),
+    "raises": ("def get_config():\n    raise RuntimeError('boom')\n", [], "boom"),
+    "returns_none": ("def get_config():\n    return None\n", [], "NoneType"),
+    "returns_dict": ("def get_config():\n    return {'train': {'steps': 1}}\n", [], "got dict"),
+    "no_steps": ("from dlvae_jax.configs.demo import get_config as demo\n"
+                 "def get_config():\n    c = demo()\n    del c.train['steps']\n    return c\n", [], "train.steps"),
+    "no_section": ("from dlvae_jax.configs.demo import get_config as demo\n"
+                   "def get_config():\n    c = demo()\n    del c['eval']\n    return c\n", [], "eval"),
+    "sys_exit_0": ("import sys\nsys.exit(0)\n", [], "sys.exit(0)"),
+    "exit_in_get_config": ("import sys\ndef get_config():\n    sys.exit(0)\n", [], "sys.exit(0)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_bad_config_is_one_line_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text, overrides, words = BAD_CONFIGS[case]
+    config = "demo"
+    if text is not None:
+        config = tmp_path / f"{case}.py"
+        config.write_text(text)
+    args = ["train", "--config", config, "--workdir", tmp_path / "w"]
+    for item in overrides:
+        args += ["--set", item]
+    rc, out, err = run_cli(args, capsys)
+    line = one_line(err)
+    assert rc == 2 and words in line and line.startswith("dlvae-jax: error: "), line
+    assert text is None or str(config) in line
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", '{"data": {}}', '"text"', "null", '{"train": []}'])
+def test_a_config_json_of_the_wrong_shape_is_one_line(content, tmp_path, capsys):
+    from dlvae_jax import configs
+
+    w = tmp_path / "w"
+    with run_folder(w, "train"):
+        (w / "config.json").write_text(content)
+    rc, _, err = run_cli(["evaluate", "--workdir", w, "--quiet"], capsys)
+    line = one_line(err)
+    assert rc == 2 and str(w / "config.json") in line, line
+    with pytest.raises(configs.ConfigError, match=r"^x/config.json: "):
+        configs.from_json(content, "x/config.json")
+    cfg = configs.load("demo")
+    assert configs.to_json(configs.from_json(configs.to_json(cfg))) == configs.to_json(cfg)
+
+
+def test_a_train_that_failed_on_bad_data_leaves_nothing_and_the_retry_runs(tmp_path, capsys, monkeypatch):
+    from dlvae_jax.train import loop
+
+    bad = synthesize(tmp_path / "bad", n_patients=2, seed=0, size=32, slices_per_patient=3)
+    good = synthesize(tmp_path / "good", n_patients=2, seed=0, size=32, slices_per_patient=3)
+    for n in (1, 2):
+        (bad / P1 / f"{P1}_{n}.tif").write_bytes(b"not a tiff")
+    w = tmp_path / "w"
+    args = ["train", "--config", REPO_ROOT / "tests" / "configs" / "tiny.py", "--workdir", w]
+    rc, _, err = run_cli(args + ["--data-dir", bad], capsys)
+    line = one_line(err)
+    assert rc == 2 and str(bad / P1 / f"{P1}_1.tif") in line
+    assert "--skip-bad" not in line and "(and 1 more problems)" in line  # train has no --skip-bad
+    assert not w.exists() and temporaries(tmp_path) == []
+    # The corrected retry (another --data-dir: another config) is not refused: it gets as far as training.
+    def reached(cfg, wd, *args, **kwargs):
+        assert (wd / "config.json").is_file() and (wd / "splits.json").is_file()
+        raise DlvaeError(f"training reached in {wd}")
+
+    monkeypatch.setattr(loop, "_train_in", reached)
+    rc, _, err = run_cli(args + ["--data-dir", good], capsys)
+    assert rc == 2 and one_line(err) == f"dlvae-jax: error: training reached in {w.resolve()}"
+    assert not w.exists()  # failed before its first checkpoint: taken back as well
+    # What a failed block of train keeps: everything, once it holds a checkpoint.
+    with run_folder(w, "train"):
+        (w / "notes.txt").write_text("a user's")
+    with pytest.raises(DlvaeError):
+        with run_folder(w, "train"):
+            (w / "config.json").write_text("{}")
+            (w / "checkpoints" / "latest").mkdir(parents=True)  # no save in it yet
+            raise DlvaeError("fails before a checkpoint")
+    assert sorted(p.name for p in w.iterdir()) == [MARKER, "notes.txt"]
+    with pytest.raises(DlvaeError):
+        with run_folder(w, "train"):
+            (w / "config.json").write_text("{}")
+            (w / "checkpoints" / "latest" / "1").mkdir(parents=True)
+            (w / "checkpoints" / "latest" / "1" / "state").write_text("weights")
+            raise DlvaeError("fails after a checkpoint")
+    assert sorted(p.name for p in w.iterdir()) == [MARKER, "checkpoints", "config.json", "notes.txt"]
+    # Commands that have --skip-bad still suggest it.
+    rc, _, err = run_cli(["data", "check", "--data-dir", bad], capsys)
+    assert rc == 2 and "--skip-bad skips bad slices" in one_line(err)
 
 
 # ----------------------------------------------------------------------------- signals, real processes
@@ -403,7 +598,7 @@ def _start(args, cwd, slow: str | None = None, delay: float = 0.05):
 def _wait_for_temporary(proc, parent: Path, timeout: float = 60) -> Path:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        found = [p for p in parent.iterdir() if ".tmp-" in p.name and p.is_dir()]
+        found = [p for p in parent.iterdir() if ".dlvae-jax-tmp-" in p.name and p.is_dir()]
         if found:
             return found[0]
         assert proc.poll() is None, proc.communicate()

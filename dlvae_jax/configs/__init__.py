@@ -17,6 +17,13 @@ with the sections
 `get_config()`, then applies `--set a.b=value` overrides: the value is parsed
 as a Python literal and must match the field's type (an int is accepted for a
 float field); an unknown field is an error naming the closest fields.
+
+`validate(cfg, where)` checks a whole config before anything is written: every
+section, the fields of `base()` with their types, and the values the run would
+otherwise trip over later (seeds in [0, 2**32), split fractions, positive
+counts). `load` and `from_json` (a run's config.json) both call it, so
+`train`, `evaluate`, `predict` and the experiments see the same rules; an
+error is a `ConfigError` naming the config file or name and the field.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ import difflib
 import importlib
 import importlib.util
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
 
 from dlvae_jax.errors import DlvaeError
+from dlvae_jax.options import SEED_MAX
 
 NAMES = ("demo", "cpu", "default", "unet", "cnn", "vgg16", "dcnn")
 SECTIONS = ("data", "augment", "preprocess", "model", "loss", "optimizer", "train", "eval")
@@ -46,13 +56,33 @@ def _from_file(path: Path) -> ml_collections.ConfigDict:
     if spec is None or spec.loader is None:
         raise ConfigError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
+    # A user's file: whatever it raises (SystemExit included) is reported, not let through.
     try:
         spec.loader.exec_module(module)
-    except Exception as err:  # a user's file: report, do not crash
-        raise ConfigError(f"{path}: cannot be loaded: {type(err).__name__}: {err}") from None
-    if not hasattr(module, "get_config"):
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        raise ConfigError(f"{path}: cannot be loaded: {_describe(err)}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
         raise ConfigError(f"{path}: has no get_config() function")
-    return module.get_config()
+    try:
+        cfg = get_config()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        raise ConfigError(f"{path}: get_config() failed: {_describe(err)}") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, "
+                          f"got {type(cfg).__name__}")
+    return cfg
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit):
+        return f"it called sys.exit({err.code!r})"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def get(name_or_file: str) -> ml_collections.ConfigDict:
@@ -66,9 +96,6 @@ def get(name_or_file: str) -> ml_collections.ConfigDict:
         cfg = _from_file(path)
     else:
         raise ConfigError(f"unknown config {name_or_file!r}; known: {', '.join(NAMES)} or a path to a .py file")
-    missing = [s for s in SECTIONS if s not in cfg]
-    if missing:
-        raise ConfigError(f"config {name_or_file!r} lacks section(s) {missing}")
     return cfg
 
 
@@ -86,7 +113,8 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
         if isinstance(new, bool):
             return new
     elif isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
-        return float(new)
+        if _is_number(new):
+            return float(new)
     elif isinstance(old, int) and isinstance(new, int) and not isinstance(new, bool):
         return new
     elif isinstance(old, str) and isinstance(new, str):
@@ -95,7 +123,8 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
         if len(new) != len(old):
             raise ConfigError(f"--set {key}: expected {len(old)} values, got {len(new)}")
         return type(old)(_coerce(f"{key}[{i}]", o, v) for i, (o, v) in enumerate(zip(old, new)))
-    raise ConfigError(f"--set {key}: expected a value of type {type(old).__name__}, got {new!r}")
+    kind = "a finite number" if isinstance(old, float) else f"a value of type {type(old).__name__}"
+    raise ConfigError(f"--set {key}: expected {kind}, got {new!r}")
 
 
 def model_fields(name: str) -> dict[str, Any]:
@@ -164,7 +193,13 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load(name_or_file: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    cfg = resolve_model(apply_overrides(get(name_or_file), overrides))
+    """The config `name_or_file` with `overrides` applied, validated (`validate`)."""
+    where = name_or_file if name_or_file.endswith(".py") else f"config {name_or_file!r}"
+    cfg = get(name_or_file)
+    _check_shape(cfg, where)
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg, where)
+    cfg = resolve_model(cfg)
     cfg.config_name = name_or_file if name_or_file in NAMES else str(Path(name_or_file).resolve())
     return cfg
 
@@ -173,5 +208,168 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads(text))
+class ConfigFileError(ConfigError, ValueError):
+    """A config.json that is not a config (also a ValueError, as a JSON syntax error is)."""
+
+
+def from_json(text: str, source: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+    """The config a run wrote to its config.json, validated (`validate`).
+
+    Raises ConfigFileError (a DlvaeError and a ValueError): the message names
+    `source` when given; a caller that adds the path itself passes none.
+    """
+    where = os.fspath(source) if source is not None else None
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ConfigFileError(_at(where, f"not valid JSON ({err})")) from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(_at(where, f"holds a JSON {_json_type(data)}, not a config object"))
+    try:
+        cfg = ml_collections.ConfigDict(data)
+    except Exception as err:  # e.g. a key that is not a valid field name
+        raise ConfigFileError(_at(where, f"not a config ({err})")) from None
+    try:
+        validate(cfg, where, complete=False)
+    except ConfigError as err:
+        raise ConfigFileError(str(err)) from None
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _at(where: str | None, message: str) -> str:
+    return f"{where}: {message}" if where else message
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _check_shape(cfg: Any, where: str | None) -> None:
+    """Every section present, and a mapping."""
+    if not isinstance(cfg, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(_at(where, f"a config must be a ConfigDict, got {type(cfg).__name__}"))
+    missing = [s for s in SECTIONS if s not in cfg]
+    if missing:
+        raise ConfigError(_at(where, f"lacks section(s) {', '.join(missing)}"))
+    for section in SECTIONS:
+        if not isinstance(cfg[section], (ml_collections.ConfigDict, dict)):
+            raise ConfigError(_at(where, f"section {section} must be a group of fields, "
+                                         f"got {type(cfg[section]).__name__}"))
+
+
+# Sections whose fields all have defaults elsewhere (dataclasses): a field
+# absent there is fine, a field present must still have the base type.
+_OPTIONAL_SECTIONS = ("augment", "loss")
+_POSITIVE_INTS = (("train", "batch_size"), ("train", "steps"), ("train", "log_every"), ("train", "eval_every"),
+                  ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
+                  ("optimizer", "accumulate_steps"), ("data", "image_size"), ("preprocess", "n_init"),
+                  ("data", "synth_patients"), ("data", "synth_size"), ("data", "synth_slices"))
+_NON_NEGATIVE_INTS = (("eval", "overlays"), ("optimizer", "warmup_steps"), ("loss", "kl_warmup_steps"),
+                      ("data", "num_threads"))
+_SEEDS = (("train", "seed"), ("data", "split_seed"), ("data", "synth_seed"))
+
+
+def _type_ok(template: Any, value: Any) -> bool:
+    if isinstance(template, bool):
+        return isinstance(value, bool)
+    if isinstance(template, float):
+        return _is_number(value)
+    if isinstance(template, int):
+        return _is_int(value)
+    if isinstance(template, str):
+        return isinstance(value, str)
+    if isinstance(template, (tuple, list)):
+        return (isinstance(value, (tuple, list)) and len(value) == len(template)
+                and all(_type_ok(t, v) for t, v in zip(template, value)))
+    return True
+
+
+def _type_name(template: Any) -> str:
+    if isinstance(template, bool):
+        return "true or false"
+    if isinstance(template, float):
+        return "a finite number"
+    if isinstance(template, int):
+        return "an integer"
+    if isinstance(template, str):
+        return "a string"
+    if isinstance(template, (tuple, list)):
+        return f"a list of {len(template)} values"
+    return type(template).__name__
+
+
+def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml_collections.ConfigDict:
+    """Raises ConfigError (naming `where` and the field) unless `cfg` is a usable config.
+
+    Every section of `SECTIONS` must be there and every field of `base()` with
+    its type; the model must be named; seeds in [0, 2**32); the split
+    fractions finite, >= 0, summing to 1 (as `dlvae_jax.data.splits` needs),
+    with non-zero train and validation shares (training fits on one and picks
+    checkpoints on the other); counts positive. `complete=False` (a run's
+    config.json) lets fields of `augment` and `loss` be absent: their
+    dataclasses have defaults, and a run of an older version may lack one.
+    """
+    from dlvae_jax.configs.base import base
+
+    _check_shape(cfg, where)
+    template = base()
+    for section in SECTIONS:
+        if section == "model":
+            continue
+        for key, default in template[section].items():
+            if key not in cfg[section]:
+                if section in _OPTIONAL_SECTIONS and not complete:
+                    continue
+                raise ConfigError(_at(where, f"lacks the field {section}.{key}"))
+            value = cfg[section][key]
+            if not _type_ok(default, value):
+                raise ConfigError(_at(where, f"{section}.{key} must be {_type_name(default)}, got {value!r}"))
+    name = cfg.model.get("name") if hasattr(cfg.model, "get") else None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(_at(where, f"model.name must name a model, got {name!r}"))
+
+    def value(section: str, key: str) -> Any:
+        return cfg[section][key] if key in cfg[section] else template[section][key]
+
+    for section, key in _SEEDS:
+        v = value(section, key)
+        if not 0 <= v < SEED_MAX:
+            raise ConfigError(_at(where, f"{section}.{key} must be a seed in [0, 2**32), got {v}"))
+    for section, key in _POSITIVE_INTS:
+        v = value(section, key)
+        if v < 1:
+            raise ConfigError(_at(where, f"{section}.{key} must be a positive integer, got {v}"))
+    for section, key in _NON_NEGATIVE_INTS:
+        v = value(section, key)
+        if v < 0:
+            raise ConfigError(_at(where, f"{section}.{key} must be an integer >= 0, got {v}"))
+    fractions = [float(f) for f in value("data", "fractions")]
+    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0 or fractions[1] <= 0:
+        raise ConfigError(_at(where, "data.fractions must be (train, validation, test) shares >= 0 summing to 1, "
+                                     f"with train and validation > 0; got {tuple(value('data', 'fractions'))}"))
+    k = value("preprocess", "k")
+    if not 2 <= k <= 255:
+        raise ConfigError(_at(where, f"preprocess.k must be in [2, 255] (clusters of grey levels), got {k}"))
+    if not value("data", "data_dir"):  # synthetic phantoms: the limits of `dlvae-jax data synth`
+        for key, lo in (("synth_size", 32), ("synth_slices", 3)):
+            v = value("data", key)
+            if v < lo:
+                raise ConfigError(_at(where, f"data.{key} must be at least {lo} for synthetic data, got {v}"))
+    return cfg

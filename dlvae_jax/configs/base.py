@@ -19,6 +19,9 @@ def base() -> ml_collections.ConfigDict:
         synth_size=256,
         synth_seed=0,
         num_threads=2,         # host reader threads
+        source="auto",         # "memory", "array_record" or "auto" (memory up to 512 MiB of slices per process)
+        cache_dir="",          # array_record cache folder; "" = WORKDIR/cache
+        tfds_dir="",           # a `dlvae-jax data build` folder to read instead of a cache (train --tfds-dir)
     )
     c.augment = dict(
         p_flip_lr=0.5, p_flip_ud=0.0, max_rotate_deg=10.0, max_scale=0.1,

@@ -11,14 +11,21 @@ The batch contract, used unchanged from the host batch to the model's inputs
     index_B        int32 [B]           record index within the split, -1 on padding
 
 `BATCH_KEYS` lists them. Two loaders produce it: `BatchLoader` from the TFDS
-`lgg_mri` array_record source and `ArrayLoader` from arrays in memory.
+`lgg_mri` array_record source and `ArrayLoader` from arrays in memory; a
+loader is any callable index_B -> batch with `len()`. A run gets its loaders
+from `dlvae_jax.data.source.split_loader`, which picks between the two and
+builds the array_record cache; both give the same grain dataset (same
+structure, same iterator state) and the same batches, byte for byte.
 
 Training: one global permutation per epoch (same seed on every process,
 reseeded each epoch by grain), truncated to a multiple of the global batch so
 every process yields the same number of batches (drop-remainder), then split
-across processes with a stride. Evaluation: no shuffle; the split is padded up
-to a multiple of the global batch and padding carries valid=False, so every
-slice is visited exactly once whatever the batch size.
+across processes with a stride. Sharding comes before batching and the
+loader, so a process's loader is only ever called with its own indices (an
+array_record loader reads its shard and nothing else). Evaluation: no
+shuffle; the split is padded up to a multiple of the global batch and padding
+carries valid=False, so every slice is visited exactly once whatever the
+batch size; each process's index list is its own as well.
 
 Placing batches on devices (meshes, shardings) is the runners' job:
 `dlvae_jax.train.runners`.
@@ -143,7 +150,7 @@ def _loader(source, split: str, channels: str):
 
 
 def train_dataset(
-    source: str | os.PathLike | ArrayLoader,
+    source: str | os.PathLike | Loader,
     split: str = "train",
     global_batch_size: int = 64,
     seed: int = 0,
@@ -181,7 +188,7 @@ def eval_indices(n: int, global_batch_size: int, shard: Shard) -> np.ndarray:
 
 
 def eval_dataset(
-    source: str | os.PathLike | ArrayLoader,
+    source: str | os.PathLike | Loader,
     split: str = "validation",
     global_batch_size: int = 64,
     channels: str = "flair",

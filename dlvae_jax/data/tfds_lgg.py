@@ -12,8 +12,10 @@ Features are `tfds.features.Tensor` / `Text` only, so building and reading
     has_tumor     bool []
 
 Splits train / validation / test are patient-level (`dlvae_jax.data.splits`),
-chosen by `split_seed`. Examples are stored in (patient, slice_number) order
-(TFDS shuffling is disabled) so builds are reproducible; shuffle when reading.
+chosen by `split_seed`, or given outright as patient lists (`splits=`: how
+`dlvae_jax.data.source` builds a run's cache from its workdir splits).
+Examples are stored in (patient, slice_number) order (TFDS shuffling is
+disabled) so builds are reproducible; shuffle when reading.
 """
 
 from __future__ import annotations
@@ -60,9 +62,11 @@ class LggMri(tfds.core.GeneratorBasedBuilder):
         image_size: int = DEFAULT_IMAGE_SIZE,
         index: lgg.LggIndex | None = None,
         skip_bad: bool = False,
+        splits: dict[str, list[str]] | None = None,
         **kwargs,
     ):
         kwargs.setdefault("file_format", "array_record")
+        self._splits = None if splits is None else {k: list(v) for k, v in splits.items()}
         self._split_seed = int(split_seed)
         self._fractions = tuple(fractions)
         self._image_size = int(image_size)
@@ -98,7 +102,10 @@ class LggMri(tfds.core.GeneratorBasedBuilder):
         if (h, w) != (self._image_size, self._image_size):
             raise DataError(f"{index.root}: slices are {h}x{w}, the builder expects "
                             f"{self._image_size}x{self._image_size} (pass image_size)")
-        self.splits_used = make_splits(index, self._split_seed, self._fractions)
+        if self._splits is not None:
+            self.splits_used = self._splits
+        else:
+            self.splits_used = make_splits(index, self._split_seed, self._fractions)
         return {
             name: self._generate_examples(index.for_patients(pids))
             for name, pids in self.splits_used.items()
@@ -147,19 +154,34 @@ def build(
     if (final / str(LggMri.VERSION)).exists() and not overwrite:
         raise DataError(f"{final / str(LggMri.VERSION)}: already built (pass --overwrite to rebuild)")
     with output_folder(final, "data build", overwrite=overwrite, inputs=[data_dir]) as tmp:
-        stage = tmp / ".tfds"  # TFDS writes DATA_DIR/lgg_mri/<version> and DATA_DIR/downloads
-        builder = LggMri(data_dir=os.fspath(stage), **kwargs)
-        config = tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir))
-        # TFDS's own progress lines name the staging folder, which is not the
-        # user's; the command prints where the dataset landed instead.
-        tfds.disable_progress_bar()
-        with contextlib.redirect_stdout(io.StringIO()):
-            builder.download_and_prepare(download_config=config)
-        os.rename(builder.data_dir, tmp / str(LggMri.VERSION))
-        shutil.rmtree(stage)
-        splits = builder.splits_used
+        splits = prepare_into(tmp, data_dir, **kwargs)
         write_splits(tmp / "splits.json", index, splits, split_seed, fractions)
     return LggMri(data_dir=os.fspath(tfds_dir), **kwargs), splits
+
+
+def prepare_into(folder: str | os.PathLike, data_dir: str | os.PathLike, *, verify=None,
+                 **builder_kwargs) -> dict[str, list[str]]:
+    """Runs the builder into `folder/<version>/` (an `lgg_mri/` folder being staged); returns the splits used.
+
+    `builder_kwargs` go to `LggMri` (index, image_size, split_seed and
+    fractions, or splits). `verify(builder)`, if given, runs once TFDS has
+    finished, while the builder can still read what it wrote. TFDS's own
+    staging (`folder/.tfds`, its `downloads/`) is removed afterwards.
+    """
+    folder = Path(folder)
+    stage = folder / ".tfds"  # TFDS writes DATA_DIR/lgg_mri/<version> and DATA_DIR/downloads
+    builder = LggMri(data_dir=os.fspath(stage), **builder_kwargs)
+    config = tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir))
+    # TFDS's own progress lines name the staging folder, which is not the
+    # user's; the command prints where the dataset landed instead.
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=config)
+    if verify is not None:
+        verify(builder)
+    os.rename(builder.data_dir, folder / str(LggMri.VERSION))
+    shutil.rmtree(stage)
+    return builder.splits_used
 
 
 def built_image_size(tfds_dir: str | os.PathLike) -> int:

@@ -50,7 +50,11 @@ def _manager(directory: Path, keep: int, async_save: bool, best: bool, create: b
         create=create,
         read_only=not create,
     )
-    return ocp.CheckpointManager(directory.resolve(), options=options)
+    # Handlers named up front: a manager that did not make a save can then read
+    # its metadata (and check it against the template) before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
 
 
 class Checkpoints:
@@ -160,7 +164,10 @@ def template_mismatch(saved_tree, abstract_state) -> str | None:
 
 def _read_metadata(manager: ocp.CheckpointManager, step: int):
     """The save's state metadata tree, or raises when Orbax's own checks reject the save."""
-    return manager.item_metadata(step)["state"].tree
+    metadata = manager.item_metadata(step)["state"]
+    if metadata is None:
+        raise ValueError("no state metadata")
+    return metadata.tree
 
 
 def _restore_newest(manager: ocp.CheckpointManager, abstract_state, where: Path, set_aside: bool):

@@ -13,6 +13,9 @@ def _cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.data_dir is not None:
         overrides.append(f"data.data_dir={os.fspath(args.data_dir)!r}")
+    if args.tfds_dir is not None:
+        overrides.append(f"data.tfds_dir={os.path.abspath(os.fspath(args.tfds_dir))!r}")
+        overrides.append("data.source='array_record'")
     cfg = configs.load(args.config, overrides)
     if args.distributed:
         _init_distributed(args)
@@ -63,6 +66,9 @@ def register(subparsers) -> None:
                    help="config name (demo, cpu, default, unet, cnn, vgg16, dcnn) or a .py file (default: demo)")
     p.add_argument("--workdir", required=True, help="run folder: config, splits, checkpoints, logs, plots")
     p.add_argument("--data-dir", default=None, help="dataset folder in the kaggle_3m layout (default: the config's)")
+    p.add_argument("--tfds-dir", default=None,
+                   help="read slices from this `dlvae-jax data build` folder (array_record, each process its shard) "
+                        "instead of loading TIFFs; its splits become the run's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=200 (repeatable)")
     p.add_argument("--parallel", choices=RUNNERS, default="jit", help="how the step runs on many devices (default: jit)")

@@ -1,17 +1,15 @@
 """From a resolved config to the objects a run needs: the model, the
 preprocessing and augmentation settings, the loss mix and the optimizer, and
-the data (the patient split and the slices of each split)."""
+the run's patient split (its slices come from `dlvae_jax.data.source`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import numpy as np
-
+from dlvae_jax import configs
 from dlvae_jax.data import lgg
 from dlvae_jax.data.augment import AugmentConfig
-from dlvae_jax.data.splits import SPLITS_FILE, make_splits, read_splits, records_for_split, write_splits
+from dlvae_jax.data.splits import SPLITS_FILE, make_splits, read_splits, write_splits
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.losses import LossConfig
 from dlvae_jax.models import get_model
@@ -52,6 +50,7 @@ def optimizer_from_config(cfg):
 
 def check_config(cfg) -> None:
     """Faults a run would otherwise hit minutes later, reported up front."""
+    configs.validate(cfg, "config")
     size, levels = int(cfg.data.image_size), 0
     for key in ("levels", "vae_levels"):
         if key in cfg.model:
@@ -71,34 +70,17 @@ def check_config(cfg) -> None:
     model_from_config(cfg)  # unknown model options fail here, naming them
 
 
-@dataclasses.dataclass
-class SplitData:
-    """The slices of one split, in memory: images uint8 [N, H, W] (or [N, H, W, 3]),
-    masks uint8 [N, H, W], and each slice's record (patient, file)."""
-
-    records: list
-    images: np.ndarray
-    masks: np.ndarray
-
-    @property
-    def patients(self) -> list[str]:
-        return [r.patient for r in self.records]
-
-
-def load_split(index: lgg.LggIndex, splits: dict, name: str, channels: str) -> SplitData:
-    records = records_for_split(index, splits, name)
-    if not records:
-        raise DlvaeError(f"split {name!r} has no slices in {index.root}")
-    images, masks = lgg.load_arrays(records, channels)
-    return SplitData(records, images, masks)
-
-
 def workdir_splits(workdir: Path, index: lgg.LggIndex, cfg) -> dict:
-    """The run's patient split: read from the workdir, or made from the config's seed and saved there."""
+    """The run's patient split: read from the workdir; else a `data build`
+    folder's own (train --tfds-dir, so the run reads that build as it is); else
+    made from the config's seed. Saved in the workdir."""
     path = workdir / SPLITS_FILE
     if path.exists():
         return read_splits(path)
     fractions = tuple(float(f) for f in cfg.data.fractions)
-    splits = make_splits(index, int(cfg.data.split_seed), fractions)
+    if cfg.data.tfds_dir:
+        splits = read_splits(Path(cfg.data.tfds_dir).expanduser())
+    else:
+        splits = make_splits(index, int(cfg.data.split_seed), fractions)
     write_splits(path, index, splits, int(cfg.data.split_seed), fractions)
     return splits

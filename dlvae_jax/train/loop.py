@@ -41,7 +41,8 @@ import numpy as np
 
 from dlvae_jax import configs, metrics, outdir, signals
 from dlvae_jax.data import lgg
-from dlvae_jax.data.pipeline import ArrayLoader, Shard, eval_dataset, host_iterator, train_dataset
+from dlvae_jax.data.pipeline import Shard, eval_dataset, host_iterator, train_dataset
+from dlvae_jax.data.source import split_loader
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.io import write_json, write_text
 from dlvae_jax.models import example_inputs
@@ -54,8 +55,10 @@ from dlvae_jax.train.step import eval_outputs, train_step
 
 # Fields that may change when a run is resumed (logging and evaluation cadence).
 # train.steps is not among them: it sets the learning-rate schedule's length.
+# The data source is among them: both paths give the same batches, byte for byte.
 RESUMABLE = {("train", "log_every"), ("train", "eval_every"), ("train", "checkpoint_every"), ("eval", "overlays"),
-             ("eval", "batch_size"), ("data", "num_threads")}
+             ("eval", "batch_size"), ("data", "num_threads"), ("data", "source"), ("data", "cache_dir"),
+             ("data", "tfds_dir")}
 
 
 class NonFiniteLoss(DlvaeError):
@@ -134,7 +137,7 @@ def _scalars(tree) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def evaluate_split(runner, variables, data: ex.SplitData, cfg) -> dict:
+def evaluate_split(runner, variables, loader, cfg) -> dict:
     """Scores a split held by this process with the runner's sharded eval; returns
     the metrics report (`dlvae_jax.metrics`), with the decision rule of
     `dlvae-jax evaluate` (`metrics.decide`).
@@ -149,13 +152,11 @@ def evaluate_split(runner, variables, data: ex.SplitData, cfg) -> dict:
     and agrees on the best checkpoint."""
     n_dev = runner.mesh.size
     global_batch = -(-int(cfg.eval.batch_size) // n_dev) * n_dev
-    loader = ArrayLoader(data.images, data.masks)
     ds = eval_dataset(loader, global_batch_size=global_batch, shard=Shard.from_jax())
-    hw = data.masks.shape[1:]
     rows = []
     for host in host_iterator(ds, num_threads=1):
         out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
-        masks, labels = metrics.decide(out, len(host["index_B"]), hw)
+        masks, labels = metrics.decide(out, len(host["index_B"]), host["mask_BxHxW"].shape[1:])
         truth = host["mask_BxHxW"] > 0
         rows.append(dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
                          index=host["index_B"].astype(np.int64)))
@@ -164,16 +165,16 @@ def evaluate_split(runner, variables, data: ex.SplitData, cfg) -> dict:
         from jax.experimental import multihost_utils
 
         local = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in local.items()}
-    return _report_from_rows(local, data)
+    return _report_from_rows(local, loader.records)
 
 
-def _report_from_rows(rows: dict[str, np.ndarray], data: ex.SplitData) -> dict:
+def _report_from_rows(rows: dict[str, np.ndarray], records) -> dict:
     index = rows["index"]
     order = np.argsort(np.where(index >= 0, index, np.iinfo(np.int64).max), kind="stable")
     order = order[index[order] >= 0]
     acc = metrics.SegmentationAccumulator()
     part = {k: v[order] for k, v in rows.items() if k != "index"}
-    acc.add_stats(part, [data.patients[i] for i in index[order]])
+    acc.add_stats(part, [records[i].patient for i in index[order]])
     return acc.report()
 
 
@@ -194,8 +195,10 @@ def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = 
     old_path = workdir / CONFIG_FILE
     if old_path.exists() and not overwrite:
         try:
-            old = json.loads(old_path.read_text())
-        except (OSError, ValueError) as err:
+            old = configs.from_json(old_path.read_text(), source=old_path).to_dict()
+        except configs.ConfigError as err:
+            raise DlvaeError(f"{err}; use --overwrite to start the run again") from None
+        except OSError as err:
             raise DlvaeError(f"{old_path}: unreadable ({err}); use --overwrite to start the run again") from None
         conflict = _config_conflict(old, new)
         if conflict:
@@ -265,8 +268,12 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     index = lgg.scan(data_dir)
     splits = ex.workdir_splits(wd, index, cfg)
     channels = cfg.data.channels
-    train_data = ex.load_split(index, splits, "train", channels)
-    val_data = ex.load_split(index, splits, "validation", channels)
+    # In memory for small folders, else per batch from an array_record cache
+    # (each process reading only its shard): `dlvae_jax.data.source`.
+    source = dict(source=cfg.data.source, cache_dir=cfg.data.cache_dir or wd / "cache",
+                  tfds_dir=cfg.data.tfds_dir or None)
+    train_loader = split_loader(index, splits, "train", channels, **source)
+    val_loader = split_loader(index, splits, "validation", channels, **source)
 
     model = ex.model_from_config(cfg)
     axis_model = ex.model_from_config(cfg, norm_axis_name="data") if parallel != "jit" else model
@@ -278,8 +285,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                                 eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)))
     runner = make_runner(parallel, step_fn, eval_fn)
 
-    c = train_data.images.shape[-1] if train_data.images.ndim == 4 else 1
-    init = example_inputs(2, int(cfg.data.image_size), c)
+    init = example_inputs(2, int(cfg.data.image_size), 3 if channels == "all" else 1)
     state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
     ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints), metric=best_metric(type(model).outputs_mask))
     # The template carries the runner's replicated sharding: a save made on any
@@ -296,7 +302,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     state = runner.put_state(state)
 
     shard = Shard.from_jax()
-    ds = train_dataset(ArrayLoader(train_data.images, train_data.masks), global_batch_size=int(cfg.train.batch_size),
+    ds = train_dataset(train_loader, global_batch_size=int(cfg.train.batch_size),
                        seed=int(cfg.train.seed), shard=shard)
     it = iter(host_iterator(ds, num_threads=int(cfg.data.num_threads)))
     if data_state is not None:
@@ -363,7 +369,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                     pending = None
                     eval_metrics = None
                     if do_eval:
-                        report = evaluate_split(runner, runner.eval_variables(state), val_data, cfg)
+                        report = evaluate_split(runner, runner.eval_variables(state), val_loader, cfg)
                         eval_metrics = summary_metrics(report)
                         logger.write("eval", step_no, eval_metrics)
                         last["eval"] = eval_metrics
