@@ -12,15 +12,19 @@ has are skipped). In each child, for each runner:
                against the plain single-device jitted step (plain SGD, so the
                comparison is not blurred by Adam's sign-like first step)
 
-`dlvae_cnn` draws its VAE noise per device under shard_map and pmap (see
-dlvae_jax.train.runners), so its agreement there is of distribution, not of
-numbers: expect differences far above float rounding for those two.
+  validation   seconds to score a validation split of --val-slices slices with
+               the runner's sharded eval (`dlvae_jax.train.loop.evaluate_split`:
+               parameters placed once, each device its rows, metrics on the host),
+               median of 2 after a warm-up; and its slices/s
+
+Every random draw of the step is keyed per example (dlvae_jax.train.runners),
+so `dlvae_cnn` agrees with one device to float rounding too.
 
 Simulated CPU devices share the host's cores: their throughput shows the cost
 of partitioning and collectives, not a speed-up. One JSON line per
 measurement goes to stdout (and --out); a Markdown table to stderr.
 
-    python benchmarks/bench_scaling.py                       # unet, 64x64, batch 16, N = 1,2,4,8
+    python benchmarks/bench_scaling.py                       # unet and dlvae_cnn, 64x64, batch 16, N = 1,2,4,8
     python benchmarks/bench_scaling.py --model dlvae_cnn --size 128
 """
 
@@ -34,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 CONFIG_OF = {"dlvae_cnn": "cpu", "unet": "unet", "cnn": "cnn", "vgg16": "vgg16", "dcnn": "dcnn"}
@@ -49,6 +54,8 @@ def child(args) -> None:
     from dlvae_jax import configs
     from dlvae_jax.models import example_inputs
     from dlvae_jax.train import experiment as ex
+    from dlvae_jax.data.pipeline import ArrayLoader
+    from dlvae_jax.train.loop import evaluate_split
     from dlvae_jax.train.runners import data_mesh, make_runner
     from dlvae_jax.train.state import create_state
     from dlvae_jax.train.step import eval_outputs, train_step
@@ -59,7 +66,8 @@ def child(args) -> None:
         print(json.dumps({"skipped": n, "reason": f"{len(devices)} devices"}))
         return
     devices = devices[:n]
-    cfg = configs.load(CONFIG_OF[args.model], [f"data.image_size={args.size}", f"train.batch_size={args.batch}"])
+    cfg = configs.load(CONFIG_OF[args.model], [f"data.image_size={args.size}", f"train.batch_size={args.batch}",
+                                               f"eval.batch_size={args.batch}"])
     cfg.preprocess.n_init = 1
     B, S = args.batch, args.size
     rng = np.random.default_rng(0)
@@ -80,6 +88,10 @@ def child(args) -> None:
         return functools.partial(train_step, model=m, tx=tx, loss_cfg=loss_cfg, prep=prep, augment=augment)
 
     ev = functools.partial(eval_outputs, model=model, prep=prep, eval_key=jax.random.key_data(jax.random.key(0)))
+    reps = -(-args.val_slices // B)
+    val = ArrayLoader(np.concatenate([images[..., 0]] * reps)[:args.val_slices],
+                      np.concatenate([masks] * reps)[:args.val_slices])
+    val.records = [types.SimpleNamespace(patient=f"P{i // 16}") for i in range(len(val))]  # 16 slices a patient
     ref, _ = jax.jit(step_fn(model))(jax.device_put(state0, devices[0]), jax.device_put(batch, devices[0]))
     ref = jax.device_get((ref.params, ref.batch_stats))
     mesh = data_mesh(devices)
@@ -106,21 +118,31 @@ def child(args) -> None:
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
+        variables = r.eval_variables(st)
+        evaluate_split(r, variables, val, cfg)  # warm-up: compiles the eval step
+        val_times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            evaluate_split(r, variables, val, cfg)
+            val_times.append(time.perf_counter() - t0)
+        val_s = statistics.median(val_times)
         print(json.dumps({"model": args.model, "devices": n, "runner": name, "platform": devices[0].platform,
                           "device_kind": devices[0].device_kind, "batch": B, "size": S,
                           "slices_s": round(B / med, 2), "step_ms": round(med * 1e3, 1),
                           "compile_and_first_step_s": round(compile_s, 2), "max_abs_diff_vs_single": diff,
-                          "timed_steps": len(times)}), flush=True)
+                          "timed_steps": len(times), "validation_s": round(val_s, 3),
+                          "validation_slices_s": round(len(val) / val_s, 1)}), flush=True)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="unet", choices=sorted(CONFIG_OF))
+    p.add_argument("--model", default="unet,dlvae_cnn", help=f"comma-separated, of {', '.join(sorted(CONFIG_OF))}")
     p.add_argument("--devices", default="1,2,4,8")
     p.add_argument("--runners", default="jit,shard_map,pmap")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps per point (default 5)")
+    p.add_argument("--val-slices", type=int, default=64, help="slices of the timed validation split (default 64)")
     p.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -136,16 +158,20 @@ def main() -> int:
     rows = []
     failed = 0
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for n in counts:
+    models = args.model.split(",")
+    for bad in [m for m in models if m not in CONFIG_OF]:
+        p.error(f"unknown --model {bad}")
+    for model, n in [(m, c) for m in models for c in counts]:
         env = dict(os.environ)
         if platform == "cpu":
             flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
             env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-        cmd = [sys.executable, __file__, "--child", str(n)] + sum(
-            ([f"--{k}", str(getattr(args, k))] for k in ("model", "runners", "batch", "size", "steps")), [])
+        cmd = [sys.executable, __file__, "--child", str(n), "--model", model] + sum(
+            ([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ("runners", "batch", "size", "steps",
+                                                                           "val_slices")), [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode:  # the rows measured so far are already printed (and in --out)
-            print(f"bench_scaling: {n} devices failed:\n{res.stderr[-3000:]}", file=sys.stderr)
+            print(f"bench_scaling: {model} on {n} devices failed:\n{res.stderr[-3000:]}", file=sys.stderr)
             failed = res.returncode
             continue
         for line in res.stdout.splitlines():
@@ -157,13 +183,15 @@ def main() -> int:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(rec) + "\n")
     done = [r for r in rows if "slices_s" in r]
-    print(f"\n{args.model}, batch {args.batch}, {args.size}x{args.size}, {platform}:", file=sys.stderr)
-    print("| devices | runner | slices/s | step ms | compile + first step s | max |diff| vs 1 device |",
+    print(f"\nbatch {args.batch}, {args.size}x{args.size}, {platform}, validation {args.val_slices} slices:",
           file=sys.stderr)
-    print("|---|---|---|---|---|---|", file=sys.stderr)
+    print("| model | devices | runner | slices/s | step ms | compile + first step s | max |diff| vs 1 device "
+          "| validation s |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in done:
-        print(f"| {r['devices']} | {r['runner']} | {r['slices_s']} | {r['step_ms']} | "
-              f"{r['compile_and_first_step_s']} | {r['max_abs_diff_vs_single']:.2e} |", file=sys.stderr)
+        print(f"| {r['model']} | {r['devices']} | {r['runner']} | {r['slices_s']} | {r['step_ms']} | "
+              f"{r['compile_and_first_step_s']} | {r['max_abs_diff_vs_single']:.2e} | {r['validation_s']} |",
+              file=sys.stderr)
     return failed
 
 

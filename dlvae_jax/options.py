@@ -72,6 +72,9 @@ BOUNDS = {
     "--epochs": int_in(1, 1_000_000),
     "--steps": int_in(1, 10**9),
     "--workers": int_in(0, 1024),
+    # Samples stream into a running mean (memory does not grow with N); the
+    # bound keeps one call to hours, not days, on a CPU.
+    "--samples": int_in(0, 10_000),
 }
 
 

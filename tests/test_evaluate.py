@@ -70,12 +70,14 @@ class FakePredictor:
                 tumor_prob[i] = rng.random()
         return {"prob_BxHxW": prob.astype(np.float32), "tumor_prob_B": tumor_prob.astype(np.float32)}
 
-    def sample(self, images: np.ndarray, n: int, seed: int) -> np.ndarray:
+    can_sample = True
+
+    def sample_mean(self, images: np.ndarray, n: int, seed: int) -> np.ndarray:
         flair_BxHxW = self._flair(images)
         out = np.stack([self._rng(f, seed).random((n, *f.shape)) for f in flair_BxHxW], axis=1).astype(np.float32)
         for i, f in enumerate(flair_BxHxW):
             self.draws[f.tobytes()] = out[:, i]
-        return out
+        return out.mean(axis=0)
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +337,45 @@ def test_default_data_dir(tmp_path):
     assert evaluate_mod.default_data_dir(cfg, tmp_path) == tmp_path / "data"
     cfg.data.data_dir = str(tmp_path / "lgg")
     assert evaluate_mod.default_data_dir(cfg, tmp_path) == tmp_path / "lgg"
+
+
+def test_evaluate_on_a_read_only_workdir_fails_before_any_work(monkeypatch, workdir, use_fake, capsys):
+    import errno
+
+    use_fake("truth")
+    calls = []
+    loader = inference.load_predictor
+    monkeypatch.setattr(inference, "load_predictor", lambda *a, **k: calls.append(1) or loader(*a, **k))
+    real = evaluate_mod.tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == workdir:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod.tempfile, "TemporaryFile", read_only)
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(workdir) in err and "Read-only file system" in err, err
+    assert ".tmp" not in err and "dlvae-jax-tmp" not in err
+    assert not list(workdir.glob("metrics*")) and not calls
+
+
+def test_evaluate_writes_nothing_when_the_run_was_replaced_meanwhile(monkeypatch, workdir, data_dir, use_fake, capsys):
+    """`train --overwrite` finishing during an `evaluate` must not end up
+    holding the old model's metrics."""
+    fake = use_fake("truth")
+    real_call = type(fake).__call__
+    state = {"n": 0}
+
+    def replacing(self, images):
+        state["n"] += 1
+        if state["n"] == 1:  # the run is replaced while the first batch is scored
+            write_json(workdir / "config.json", {"data": {"data_dir": str(data_dir)}, "new": 1})
+        return real_call(self, images)
+
+    monkeypatch.setattr(type(fake), "__call__", replacing)
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--split", "all", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "was replaced" in err and "nothing was written" in err
+    assert not list(workdir.glob("metrics*")) and not (workdir / "eval_all").exists()

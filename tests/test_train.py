@@ -272,6 +272,37 @@ def test_evaluate_and_predict_a_trained_run(trained, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     n = len(list(patient.glob("*_mask.tif")))
     assert len((out / "predictions.jsonl").read_text().splitlines()) == n
+    res = _cli("predict", "--workdir", str(trained), "--out", str(tmp_path / "many"), "--samples", "100000",
+               str(patient))
+    assert res.returncode == 2 and "--samples" in res.stderr and not (tmp_path / "many").exists(), res.stderr
+
+
+def test_samples_stream_into_a_mean_whatever_the_chunk(trained):
+    """sample_mean sums draws on the device a chunk at a time (memory does not
+    grow with n); the chunking, padding of the last chunk included, changes
+    nothing but the summation order."""
+    import tifffile
+
+    from dlvae_jax.eval.inference import load_predictor
+
+    pred = load_predictor(trained, "latest")
+    images = np.stack([tifffile.imread(f) for f in sorted((trained / "data").rglob("*_[0-9].tif"))[:3]])[..., 1]
+    one = pred.sample_mean(images, 5, seed=3, chunk=1)
+    three = pred.sample_mean(images, 5, seed=3, chunk=3)
+    assert one.shape == images.shape and one.dtype == np.float32
+    np.testing.assert_allclose(one, three, atol=1e-6)
+    assert np.abs(pred.sample_mean(images, 5, seed=4, chunk=3) - three).max() > 1e-4, "the seed is used"
+
+
+def test_samples_of_a_deterministic_model_are_refused(tmp_path):
+    w = tmp_path / "unet"
+    res = _cli("train", "--config", TINY.replace("tiny.py", "tiny_unet.py"), "--workdir", str(w),
+               "--set", "train.steps=2", "--set", "train.eval_every=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    patient = next(p for p in (w / "data").iterdir() if p.is_dir())
+    res = _cli("predict", "--workdir", str(w), "--out", str(tmp_path / "p"), "--samples", "4", str(patient))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "deterministic" in res.stderr and "--samples" in res.stderr and not (tmp_path / "p").exists()
 
 
 # ---------------------------------------------------------------- multi-host

@@ -204,3 +204,104 @@ def test_training_from_the_array_record_cache_gives_the_in_memory_losses(run8, t
     again = _train_losses(w)
     for step in (5, 6):
         assert abs(mem[step]["total"] - again[step]["total"]) <= 1e-6
+
+
+# ------------------------------------------------------------------ two processes, one killed
+
+
+def _two_process_train(workdir: Path, port: str) -> list:
+    import subprocess
+    import sys
+
+    from test_train import REPO_ROOT
+
+    return [subprocess.Popen(
+        [sys.executable, "-m", "dlvae_jax.cli", "train", "--config", TINY, "--workdir", str(workdir),
+         "--set", "train.batch_size=8", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO_ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def test_two_processes_one_killed_after_a_checkpoint_resume_with_the_same_losses(tmp_path):
+    """Two gloo processes train; one is SIGKILLed after a checkpoint (the other,
+    stuck in a collective, is killed too, as a cluster scheduler would); both
+    restart, resume from the checkpoint and log the uninterrupted run's losses."""
+    import signal
+    import time
+
+    from test_train import _free_port, _wait_for
+
+    full = tmp_path / "full"
+    procs = _two_process_train(full, str(_free_port()))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+
+    w = tmp_path / "killed"
+    procs = _two_process_train(w, str(_free_port()))
+    _wait_for(w / "checkpoints" / "latest" / "4", procs[0])
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=60)
+    time.sleep(1)
+    if procs[0].poll() is None:
+        procs[0].send_signal(signal.SIGKILL)
+    procs[0].communicate(timeout=60)
+    assert procs[1].returncode == -signal.SIGKILL
+
+    procs = _two_process_train(w, str(_free_port()))
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        errs.append(err)
+        assert p.returncode == 0, err[-3000:]
+    assert any("resuming from step" in e for e in errs), errs[0][-2000:]
+    a, b = _train_losses(full), _train_losses(w)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    rows = [json.loads(l) for l in (w / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["kind"] == "train"]) == 6, "each step logged once"
+    for step in a:
+        for term in ("total", "segmentation", "kl", "reconstruction", "classification"):
+            assert abs(a[step][term] - b[step][term]) <= 1e-6, (step, term)
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+def test_a_disk_too_full_for_a_checkpoint_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from dlvae_jax import cli
+    from dlvae_jax.train import checkpoint
+
+    real = checkpoint.shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=5 * 2**20))
+    w = tmp_path / "w"
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(["train", "--config", TINY, "--workdir", str(w)])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("dlvae-jax")]
+    assert len(lines) == 1 and "5 MiB free" in lines[0] and str(w / "checkpoints") in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not list(w.rglob("*orbax-checkpoint-tmp*"))
+    assert _steps(w / "checkpoints" / "latest") == []
+
+
+def test_a_disk_that_fills_during_a_save_leaves_no_temporaries(tmp_path):
+    import errno
+
+    from dlvae_jax.train.checkpoint import Checkpoints, DiskFull
+
+    ckpt = Checkpoints(tmp_path, keep=2, async_save=False)
+    state = {"w": np.ones((4,), np.float32)}
+    ckpt.save(1, state, {"pos": 1})
+
+    def full(step, *args, **kwargs):
+        (tmp_path / "checkpoints" / "latest" / f"{step}.orbax-checkpoint-tmp-1234").mkdir()
+        raise RuntimeError("save failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    ckpt.latest.save = full
+    with pytest.raises(DiskFull, match="filled up while writing checkpoint step 2"):
+        ckpt.save(2, state, {"pos": 2})
+    assert not list(tmp_path.rglob("*orbax-checkpoint-tmp*"))
+    assert _steps(tmp_path / "checkpoints" / "latest") == [1]

@@ -5,6 +5,7 @@
     predict    `dlvae-jax predict`: masks, probabilities and overlays for new slices
     cli        the two commands' parsers
 
-This package reads runs that `dlvae_jax.train` wrote; nothing in `train`
-imports it.
+This package reads runs that `dlvae_jax.train` wrote. The training library
+(state, step, runners, checkpoint, loop) never imports it; only the `train`
+command does, to score the best checkpoint on the validation split at the end.
 """

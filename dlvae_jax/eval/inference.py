@@ -2,7 +2,7 @@
 
     predictor = load_predictor("workdir/cpu", checkpoint="best")
     out = predictor(flair_BxHxW)          # {"prob_BxHxW", "tumor_prob_B"}
-    samples = predictor.sample(flair_BxHxW, n=16, seed=0)   # [n, B, H, W]
+    mean = predictor.sample_mean(flair_BxHxW, n=16, seed=0)  # [B, H, W], DL-VAE-CNN only
 
 The input is raw uint8 slices at the data's resolution (FLAIR [B, H, W], or
 [B, H, W, 3] for a run trained on all three channels); the model's inputs
@@ -82,35 +82,64 @@ class Predictor:
         out = self._predict(self.variables, self._batch(flair_BxHxW))
         return {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
 
-    def sample(self, flair_BxHxW: np.ndarray, n: int, seed: int) -> np.ndarray:
-        """n predictions with the latent z drawn from the label-free posterior
-        q(z | x, Y = unknown) (float32 [n, B, H, W] probabilities). Models
-        without a latent give n identical copies of the deterministic prediction."""
+    @property
+    def can_sample(self) -> bool:
+        """Whether the model has a latent to sample (DL-VAE-CNN); the others are deterministic."""
+        return self.config.model.name == "dlvae_cnn"
+
+    def sample_mean(self, flair_BxHxW: np.ndarray, n: int, seed: int, chunk: int = 8) -> np.ndarray:
+        """The mean over n predictions with the latent z drawn from the label-free
+        posterior q(z | x, Y = unknown): float32 [B, H, W] probabilities.
+
+        The draws are summed on the device `chunk` at a time, so memory does not
+        grow with n. Sample i uses key i of `split(key(seed), n)`: the result
+        depends on (inputs, n, seed) only. Raises DlvaeError for a model with
+        nothing to sample (see `can_sample`)."""
+        if not self.can_sample:
+            raise DlvaeError(f"a {self.config.model.name} model is deterministic: it has no latent to sample, "
+                             "so its samples would all be the same prediction; drop --samples")
+        if n < 1:
+            raise DlvaeError(f"the number of samples must be at least 1, got {n}")
         batch = self._batch(flair_BxHxW)
         b = len(flair_BxHxW)
-        if self.config.model.name != "dlvae_cnn":
-            prob = self(flair_BxHxW)["prob_BxHxW"]
-            return np.repeat(prob[None], n, axis=0)
         fn = _sampler(self.model.clone(inference_label="unknown"), self.prep)
         keys = jax.random.split(jax.random.key(seed), n)
-        return np.stack([np.asarray(fn(self.variables, batch, self._eval_key, k))[:b] for k in keys])
+        total = None
+        for start in range(0, n, chunk):
+            part = keys[start:start + chunk]
+            # Pad the last chunk to `chunk` keys (one compiled shape); the pads are weighed 0.
+            weights = np.zeros((chunk,), np.float32)
+            weights[:len(part)] = 1.0
+            if len(part) < chunk:
+                part = jnp.concatenate([part, jnp.broadcast_to(part[:1], (chunk - len(part),))])
+            s = fn(self.variables, batch, self._eval_key, part, weights)
+            total = s if total is None else total + s
+        return (np.asarray(total, np.float64)[:b] / n).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
 def _sampler(model, prep):
     @jax.jit
-    def run(variables, batch, eval_key, key):
+    def run(variables, batch, eval_key, keys_S, weights_S):
+        """Sum over the S keys (weighted) of the sampled tumor probability, float32 [B, H, W]."""
         inputs = prepare_inputs(batch, jax.random.wrap_key_data(eval_key), prep, None)
         inputs = {k: v for k, v in inputs.items() if k not in ("label_B", "mask_BxHxW")}
         out, _ = apply_model(model, variables, inputs, train=False)
-        means, logvars = out["latent_means"], out["latent_logvars"]
-        mean = jnp.concatenate([means[k] for k in LATENT_NAMES], -1)
-        std = jnp.exp(0.5 * jnp.concatenate([logvars[k] for k in LATENT_NAMES], -1))
-        z = mean + std * jax.random.normal(key, mean.shape)
-        out, _ = apply_model(model, variables, dict(inputs, z_BxD=z), train=False)
-        prob = jax.nn.sigmoid(out["mask_logits_BxHxW"].astype(jnp.float32))
+        mean = jnp.concatenate([out["latent_means"][k] for k in LATENT_NAMES], -1)
+        std = jnp.exp(0.5 * jnp.concatenate([out["latent_logvars"][k] for k in LATENT_NAMES], -1))
         b, h, w = batch["image_BxHxWxC"].shape[:3]
-        return jax.image.resize(prob, (b, h, w), "linear") if prob.shape[1:] != (h, w) else prob
+
+        def one(total, key_w):
+            key, weight = key_w
+            z = mean + std * jax.random.normal(key, mean.shape)
+            o, _ = apply_model(model, variables, dict(inputs, z_BxD=z), train=False)
+            prob = jax.nn.sigmoid(o["mask_logits_BxHxW"].astype(jnp.float32))
+            if prob.shape[1:] != (h, w):
+                prob = jax.image.resize(prob, (b, h, w), "linear")
+            return total + weight * prob, None
+
+        total, _ = jax.lax.scan(one, jnp.zeros((b, h, w), jnp.float32), (keys_S, weights_S))
+        return total
 
     return run
 

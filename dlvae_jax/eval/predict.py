@@ -192,6 +192,9 @@ def predict(
         raise DlvaeError(f"--samples must be at least 0, got {samples}")
     paths = collect_inputs(inputs)
     predictor = inference.load_predictor(workdir, checkpoint)
+    if samples and not getattr(predictor, "can_sample", True):
+        raise DlvaeError(f"--samples: the {predictor.config.model.name} model in {workdir} is deterministic "
+                         "(no latent to sample), so every sample would be the same prediction; drop --samples")
     rows: list[dict] = []
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
@@ -205,10 +208,9 @@ def predict(
             mean = None
             if samples:
                 # The batch's first slice index joins the seed so each batch draws fresh noise.
-                draws = np.asarray(predictor.sample(images, samples, seed + done), np.float32)
-                if draws.shape != (samples, *flair.shape):
-                    raise DlvaeError(f"predictor.sample returned {draws.shape}, expected {(samples, *flair.shape)}")
-                mean = draws.mean(axis=0)
+                mean = np.asarray(predictor.sample_mean(images, samples, seed + done), np.float32)
+                if mean.shape != flair.shape:
+                    raise DlvaeError(f"predictor.sample_mean returned {mean.shape}, expected {flair.shape}")
             for j, path in enumerate(group):
                 stem = output_stem(path)
                 (tmp / stem).parent.mkdir(exist_ok=True)

@@ -19,6 +19,9 @@ disk moves. Readers (`evaluate`, `predict`) never move anything.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,26 @@ CLASSIFIER_METRIC = "slice_f1"   # models without one (their Dice is constant)
 def best_metric(outputs_mask: bool) -> str:
     """The validation metric that picks the best checkpoint of a model."""
     return BEST_METRIC if outputs_mask else CLASSIFIER_METRIC
+
+
+class DiskFull(DlvaeError):
+    """The disk cannot hold a checkpoint."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class CheckpointWarning(UserWarning):
@@ -84,7 +107,39 @@ class Checkpoints:
 
     def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
         meta = {"step": int(step), "metrics": metrics or {}}
-        self.latest.save(step, args=self._args(state, data_state, meta), force=True)
+        self.check_space(state, step)
+        with self._disk_errors(step):
+            self.latest.save(step, args=self._args(state, data_state, meta), force=True)
+
+    def check_space(self, state, step: int) -> None:
+        """Stops with one line before a save that the disk cannot hold (the state's
+        bytes, twice over for the temporary and the kept saves, plus 64 MiB)."""
+        need = 2 * sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state)) + 64 * 2**20
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        if free < need:
+            raise DiskFull(f"{self.root}: {_mib(free)} free, checkpoint step {step} needs about {_mib(need)}; "
+                           "free some space and run train again (it resumes from the last checkpoint)")
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int):
+        """A disk that fills up during a save: the save's temporaries removed, one line naming the folder."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - Orbax wraps the OSError in its own types
+            if not _is_disk_full(err):
+                raise
+            self._remove_temporaries()
+            free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+            raise DiskFull(f"{self.root}: the disk filled up while writing checkpoint step {step} "
+                           f"({_mib(free)} free); nothing half-written was kept; free some space and run train "
+                           "again (it resumes from the last complete checkpoint)") from None
+
+    def _remove_temporaries(self) -> None:
+        if jax.process_index() != 0:
+            return
+        for folder in (self.root / "latest", self.root / "best"):
+            for tmp in folder.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def save_best(self, step: int, state, data_state: dict, metrics: dict) -> bool:
         """Saves if `metrics[self.metric]` beats every earlier best; returns whether it did."""
@@ -92,14 +147,17 @@ class Checkpoints:
         if not value > self.best_value:
             return False
         meta = {"step": int(step), "best_metric": self.metric, "metrics": {self.metric: value, **metrics}}
-        self.best.save(step, args=self._args(state, data_state, meta), metrics={"score": value}, force=True)
-        self.best.wait_until_finished()
+        self.check_space(state, step)
+        with self._disk_errors(step):
+            self.best.save(step, args=self._args(state, data_state, meta), metrics={"score": value}, force=True)
+            self.best.wait_until_finished()
         self.best_value = value
         return True
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        with self._disk_errors(-1 if self.latest.latest_step() is None else self.latest.latest_step()):
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
 
     def close(self) -> None:
         self.latest.close()

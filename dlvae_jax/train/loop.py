@@ -385,8 +385,10 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
             finish_step(*pending)
         last["step"] = total
     finally:
-        ckpt.wait()
-        ckpt.close()
+        try:
+            ckpt.wait()
+        finally:
+            ckpt.close()
         if bar is not None:
             bar.close()
         logger.close()
