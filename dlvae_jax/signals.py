@@ -252,6 +252,18 @@ def _watch(rfd: int) -> None:
             _emergency(signum)
 
 
+def reclaim() -> None:
+    """Installs our handlers again where a library replaced them at the C level
+    while Python still lists ours: `jax.distributed.initialize` starts a
+    preemption notifier that takes SIGTERM, after which a SIGTERM would no
+    longer stop the run cleanly (checkpoint, agreement, exit 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in _SIGNALS:
+        if signal.getsignal(s) is _handler:
+            signal.signal(s, _handler)
+
+
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """Turns SIGINT/SIGTERM/SIGHUP into `Interrupted` for the block (main thread only; else a no-op)."""

@@ -305,3 +305,37 @@ def test_a_disk_that_fills_during_a_save_leaves_no_temporaries(tmp_path):
         ckpt.save(2, state, {"pos": 2})
     assert not list(tmp_path.rglob("*orbax-checkpoint-tmp*"))
     assert _steps(tmp_path / "checkpoints" / "latest") == [1]
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 between agreements: it is held until the next one
+    (every `train.log_every` steps), then both processes checkpoint the same
+    step and stop with 143 (resuming from a checkpoint is tested above)."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import REPO_ROOT, _free_port
+
+    w = tmp_path / "w"
+    args = ["--set", "train.batch_size=8", "--set", "train.steps=400", "--set", "train.log_every=5",
+            "--set", "train.eval_every=400", "--set", "train.checkpoint_every=400"]
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "dlvae_jax.cli", "train", "--config", TINY, "--workdir", str(w), *args,
+         "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO_ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    import time
+
+    t0 = time.time()
+    while not ((w / "log.jsonl").exists() and any(json.loads(l)["step"] >= 7 for l in
+                                                     (w / "log.jsonl").read_text().splitlines() if l.strip())):
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-1500:] for o in outs]
+    saved = _steps(w / "checkpoints" / "latest")
+    assert len(saved) == 1 and saved[0] % 5 == 0 and 7 < saved[0] < 400, saved
+    assert "interrupted (SIGTERM)" in outs[1][1]

@@ -43,10 +43,13 @@ import numpy as np
 
 from dlvae_jax import metrics
 from dlvae_jax import report as figures
+from dlvae_jax.data import lgg
+from dlvae_jax.data.splits import SPLITS_FILE, read_splits
 from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.eval import inference
 from dlvae_jax.io import atomic_path, write_json, write_text
 from dlvae_jax.metrics import THRESHOLD, decide
+from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
 
 SPLIT_CHOICES = ("train", "val", "validation", "test", "all")
 _SPLIT_ALIASES = {"val": "validation"}
@@ -70,8 +73,6 @@ PER_PATIENT_COLUMNS = ("patient", "n_slices", "n_tumor_slices", "n_pred_tumor_sl
 
 
 def _check_workdir(workdir: Path) -> None:
-    from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
-
     if not workdir.is_dir():
         raise DlvaeError(f"{workdir}: no such training folder")
     marker = read_marker(workdir)
@@ -139,8 +140,6 @@ def select_records(index, workdir: Path, split: str):
     split's patients are (partly) absent from the data folder: its figures
     would silently describe another set of patients.
     """
-    from dlvae_jax.data.splits import SPLITS_FILE, read_splits
-
     splits_path = workdir / SPLITS_FILE
     present = set(index.patients)
     if split == "all":
@@ -244,8 +243,6 @@ def evaluate(
     ``eval.batch_size`` and ``eval.overlays`` (else 32 and 8).
     """
     from tqdm import tqdm
-
-    from dlvae_jax.data import lgg
 
     workdir = Path(workdir)
     _check_workdir(workdir)

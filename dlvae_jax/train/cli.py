@@ -21,8 +21,19 @@ def _cmd_train(args) -> int:
         _init_distributed(args)
     from dlvae_jax.train.loop import train
 
-    summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite)
     import jax
+
+    from dlvae_jax import signals
+
+    try:
+        summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite)
+    except signals.Interrupted:
+        if args.distributed:
+            # Every process stops after the same step (the loop agrees on it); leaving
+            # the job together lets the coordinator's shutdown barrier pass. An
+            # interrupted process ends through os._exit, which skips JAX's atexit.
+            jax.distributed.shutdown()
+        raise
 
     if jax.process_count() == 1:
         # The best checkpoint on the validation split: confusion matrix, Dice per
@@ -56,6 +67,11 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as err:
         raise DlvaeError(f"--distributed: cannot join the job ({err})") from None
+    # initialize() starts JAX's preemption notifier, which takes SIGTERM; the
+    # loop's own stop agreement needs it back.
+    from dlvae_jax import signals
+
+    signals.reclaim()
 
 
 def register(subparsers) -> None:

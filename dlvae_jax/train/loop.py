@@ -28,6 +28,7 @@ run stops with the signal's exit code (`dlvae_jax.signals`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -43,14 +44,16 @@ from dlvae_jax import configs, metrics, outdir, signals
 from dlvae_jax.data import lgg
 from dlvae_jax.data.pipeline import Shard, eval_dataset, host_iterator, train_dataset
 from dlvae_jax.data.source import split_loader
+from dlvae_jax.data.synth import synthesize
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.io import write_json, write_text
 from dlvae_jax.models import example_inputs
 from dlvae_jax.train import experiment as ex
+from dlvae_jax.train import plots
 from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED, LOG_FILE
 from dlvae_jax.train.checkpoint import Checkpoints, abstract, best_metric
 from dlvae_jax.train.runners import make_runner
-from dlvae_jax.train.state import create_state
+from dlvae_jax.train.state import abstract_state, create_state
 from dlvae_jax.train.step import eval_outputs, train_step
 
 # Fields that may change when a run is resumed (logging and evaluation cadence).
@@ -94,8 +97,6 @@ def resolve_data_dir(cfg, workdir: Path) -> tuple[Path, bool]:
         return path.resolve(), False
     data = workdir / "data"
     if not (data / outdir.MARKER).exists() and not data.exists():
-        from dlvae_jax.data.synth import synthesize
-
         synthesize(data, n_patients=int(cfg.data.synth_patients), seed=int(cfg.data.synth_seed),
                    size=int(cfg.data.synth_size), slices_per_patient=int(cfg.data.synth_slices))
     return data, True
@@ -286,15 +287,17 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     runner = make_runner(parallel, step_fn, eval_fn)
 
     init = example_inputs(2, int(cfg.data.image_size), 3 if channels == "all" else 1)
-    state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
     ckpt = Checkpoints(wd, keep=int(cfg.train.keep_checkpoints), metric=best_metric(type(model).outputs_mask))
     # The template carries the runner's replicated sharding: a save made on any
     # number of devices (or under another runner) is placed straight onto this run's.
-    restored = ckpt.restore_latest(abstract(state, runner.replicated), set_aside=True)
+    template = abstract(abstract_state(model, tx, init), runner.replicated)
+    restored = ckpt.restore_latest(template, set_aside=True)
     data_state = None
     if restored is not None:
         state, data_state, meta = restored
         print(f"resuming from step {int(meta['step'])} ({wd / 'checkpoints'})", file=sys.stderr)
+    else:
+        state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
     start = int(state.step)
     if is_main:
         truncate_log(wd / LOG_FILE, start)
@@ -343,44 +346,50 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
         if eval_metrics:
             ckpt.save_best(step_no, host_state, dstate, eval_metrics)
 
+    # With several processes a stop signal is held across steps until the next
+    # agreement (the per-step block below would otherwise raise it at once, and
+    # the other processes would wait in a collective for a process that left).
+    hold = signals.deferred(finish_s=1800) if stop_every > 1 else contextlib.nullcontext()
     try:
-        for step_no in range(start + 1, total + 1):
-            with signals.deferred(finish_s=300):
-                host_batch = next(it)
-                data_pos = it.get_state()
-                state, dev_metrics = runner.step(state, runner.put_batch(host_batch))
-                if pending is not None:
-                    finish_step(*pending)
-                pending = (step_no, dev_metrics)
-                last_data_state = data_pos
-                if bar is not None:
-                    bar.update(1)
-                do_eval = step_no % int(cfg.train.eval_every) == 0 or step_no == total
-                do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0
-                # Whether to stop is agreed at these boundaries only: one small
-                # collective every `stop_every` steps (none at all with one process),
-                # never a blocking one per step; all processes stop after the same step.
-                stop = False
-                if do_ckpt or step_no % stop_every == 0:
-                    stop = _any_process(signals.pending())
-                do_ckpt = do_ckpt or stop
-                if do_ckpt:
-                    finish_step(*pending)
-                    pending = None
-                    eval_metrics = None
-                    if do_eval:
-                        report = evaluate_split(runner, runner.eval_variables(state), val_loader, cfg)
-                        eval_metrics = summary_metrics(report)
-                        logger.write("eval", step_no, eval_metrics)
-                        last["eval"] = eval_metrics
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{last['train']['total']:.4f}",
-                                            val_dice=f"{eval_metrics['dice_volume_mean']:.3f}")
-                    checkpoint(step_no, state, last_data_state, eval_metrics)
-                    last["step"] = step_no
-                if stop and signals.pending() is None:  # another process was signalled: stop together
-                    ckpt.wait()
-                    raise signals.Interrupted(signal.SIGTERM)
+        with hold:
+            for step_no in range(start + 1, total + 1):
+                with signals.deferred(finish_s=300):
+                    host_batch = next(it)
+                    data_pos = it.get_state()
+                    state, dev_metrics = runner.step(state, runner.put_batch(host_batch))
+                    if pending is not None:
+                        finish_step(*pending)
+                    pending = (step_no, dev_metrics)
+                    last_data_state = data_pos
+                    if bar is not None:
+                        bar.update(1)
+                    do_eval = step_no % int(cfg.train.eval_every) == 0 or step_no == total
+                    do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0
+                    # Whether to stop is agreed at these boundaries only: one small
+                    # collective every `stop_every` steps (none at all with one process),
+                    # never a blocking one per step; all processes stop after the same step.
+                    stop = False
+                    if do_ckpt or step_no % stop_every == 0:
+                        stop = _any_process(signals.pending())
+                    do_ckpt = do_ckpt or stop
+                    if do_ckpt:
+                        finish_step(*pending)
+                        pending = None
+                        eval_metrics = None
+                        if do_eval:
+                            report = evaluate_split(runner, runner.eval_variables(state), val_loader, cfg)
+                            eval_metrics = summary_metrics(report)
+                            logger.write("eval", step_no, eval_metrics)
+                            last["eval"] = eval_metrics
+                            if bar is not None:
+                                bar.set_postfix(loss=f"{last['train']['total']:.4f}",
+                                                val_dice=f"{eval_metrics['dice_volume_mean']:.3f}")
+                        checkpoint(step_no, state, last_data_state, eval_metrics)
+                        last["step"] = step_no
+                    if stop:
+                        ckpt.wait()
+                        signals.check()  # this process's own signal, now that the checkpoint is written
+                        raise signals.Interrupted(signal.SIGTERM)  # another process was signalled: stop together
         if pending is not None:
             finish_step(*pending)
         last["step"] = total
@@ -397,8 +406,6 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                "slices_per_s": round((total - start) * batch_size / max(elapsed, 1e-9), 3),
                "train": last["train"], "validation": last["eval"], "best_metric": ckpt.metric, "best_value": ckpt.best_value}
     if is_main:
-        from dlvae_jax.train import plots
-
         write_json(wd / "train_summary.json", summary)
         plots.training_plots(wd)
     summary["data_dir"] = str(data_dir)

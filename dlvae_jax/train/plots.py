@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlvae_jax.io import atomic_path
+
 
 def _read_log(workdir: Path) -> list[dict]:
     path = workdir / "log.jsonl"
@@ -25,8 +27,6 @@ def training_plots(workdir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dlvae_jax.io import atomic_path
 
     workdir = Path(workdir)
     rows = _read_log(workdir)

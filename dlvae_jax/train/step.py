@@ -33,6 +33,7 @@ import optax
 from dlvae_jax.data.augment import AugmentConfig, augment_example
 from dlvae_jax.losses import LossConfig, total_loss
 from dlvae_jax.models import apply_model
+from dlvae_jax.ops import equalize_hist
 from dlvae_jax.ops.classical import model_views
 
 
@@ -81,8 +82,6 @@ def prepare_inputs(batch: dict[str, jax.Array], key: jax.Array, prep: PrepConfig
     flair = image_u8[..., 1 if c == 3 else 0]
     head, flair_eq, clusters = model_views(flair, view_keys, k=prep.k, n_init=prep.n_init, equalize=prep.equalize)
     if c == 3:
-        from dlvae_jax.ops import equalize_hist
-
         region = head if prep.equalize == "head" else None
         eq = jnp.stack([equalize_hist(image_u8[..., i], region) for i in range(c)], axis=-1)
     else:
