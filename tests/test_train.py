@@ -249,6 +249,15 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_terms(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree_util.tree_leaves(pred.variables))
 
 
+def test_a_finished_run_says_so_and_keeps_its_summary(trained):
+    summary = (trained / "train_summary.json").read_bytes()
+    log = (trained / "log.jsonl").read_bytes()
+    res = _cli("train", "--config", TINY, "--workdir", str(trained))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already trained (6 of 6 steps); nothing to do" in res.stdout and "slices/s" not in res.stdout
+    assert (trained / "train_summary.json").read_bytes() == summary and (trained / "log.jsonl").read_bytes() == log
+
+
 def test_another_configs_workdir_is_refused_without_overwrite(trained):
     res = _cli("train", "--config", TINY, "--workdir", str(trained), "--set", "model.features=8")
     assert res.returncode == 2 and "holds a run of another config" in res.stderr and "model.features" in res.stderr

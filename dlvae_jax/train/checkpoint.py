@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -64,20 +65,34 @@ class CheckpointWarning(UserWarning):
     """A checkpoint that could not be read and was skipped."""
 
 
+@contextlib.contextmanager
+def _quiet_absl(quiet: bool):
+    """Orbax logs a warning for each option `read_only` overrides; to a reader's user they say nothing."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    if quiet:
+        absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
 def _manager(directory: Path, keep: int, async_save: bool, best: bool, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=async_save,
-        best_fn=(lambda meta: float(meta.get("score", meta.get(BEST_METRIC, float("-inf"))))) if best else None,
-        best_mode="max",
-        create=create,
-        read_only=not create,
-    )
     # Handlers named up front: a manager that did not make a save can then read
     # its metadata (and check it against the template) before restoring it.
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
+    with _quiet_absl(not create):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            best_fn=(lambda meta: float(meta.get("score", meta.get(BEST_METRIC, float("-inf"))))) if best else None,
+            best_mode="max",
+            create=create,
+            read_only=not create,
+        )
+        return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
 
 
 class Checkpoints:

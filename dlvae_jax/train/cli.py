@@ -19,11 +19,10 @@ def _cmd_train(args) -> int:
     cfg = configs.load(args.config, overrides)
     if args.distributed:
         _init_distributed(args)
-    from dlvae_jax.train.loop import train
-
     import jax
 
     from dlvae_jax import signals
+    from dlvae_jax.train.loop import train
 
     try:
         summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite)
@@ -34,7 +33,11 @@ def _cmd_train(args) -> int:
             # interrupted process ends through os._exit, which skips JAX's atexit.
             jax.distributed.shutdown()
         raise
-
+    if summary.get("already_finished"):
+        print(f"{summary['workdir']}: already trained ({summary['steps']} of {summary['steps']} steps); nothing "
+              "to do. Score it with `dlvae-jax evaluate`, or train longer in a new --workdir "
+              "(train.steps sets the learning-rate schedule)")
+        return 0
     if jax.process_count() == 1:
         # The best checkpoint on the validation split: confusion matrix, Dice per
         # patient and overlays in eval_validation/. (A multi-process job leaves

@@ -18,6 +18,7 @@ from dlvae_jax.train.step import PrepConfig
 
 CONFIG_FILE = "config.json"  # the resolved config of a run, in its workdir
 LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "train_summary.json"
 EVAL_SEED = 12345  # K-means restarts at evaluation: fixed, so evaluations are comparable
 
 def model_from_config(cfg, norm_axis_name: str | None = None):

@@ -50,7 +50,7 @@ from dlvae_jax.io import write_json, write_text
 from dlvae_jax.models import example_inputs
 from dlvae_jax.train import experiment as ex
 from dlvae_jax.train import plots
-from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED, LOG_FILE
+from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED, LOG_FILE, SUMMARY_FILE
 from dlvae_jax.train.checkpoint import Checkpoints, abstract, best_metric
 from dlvae_jax.train.runners import make_runner
 from dlvae_jax.train.state import abstract_state, create_state
@@ -295,13 +295,22 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
     data_state = None
     if restored is not None:
         state, data_state, meta = restored
-        print(f"resuming from step {int(meta['step'])} ({wd / 'checkpoints'})", file=sys.stderr)
+        if int(meta["step"]) < int(cfg.train.steps):
+            print(f"resuming from step {int(meta['step'])} ({wd / 'checkpoints'})", file=sys.stderr)
     else:
         state = create_state(model, tx, jax.random.key(int(cfg.train.seed)), init)
     start = int(state.step)
+    total = int(cfg.train.steps)
+    if start >= total:  # a finished run: its summary, logs and plots stay as they are
+        ckpt.close()
+        try:
+            prior = json.loads((wd / SUMMARY_FILE).read_text())
+        except (OSError, ValueError):
+            prior = {}
+        return dict(prior, workdir=str(wd), steps=total, resumed_from=start, already_finished=True,
+                    data_dir=str(data_dir))
     if is_main:
         truncate_log(wd / LOG_FILE, start)
-    total = int(cfg.train.steps)
     state = runner.put_state(state)
 
     shard = Shard.from_jax()
@@ -406,7 +415,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                "slices_per_s": round((total - start) * batch_size / max(elapsed, 1e-9), 3),
                "train": last["train"], "validation": last["eval"], "best_metric": ckpt.metric, "best_value": ckpt.best_value}
     if is_main:
-        write_json(wd / "train_summary.json", summary)
+        write_json(wd / SUMMARY_FILE, summary)
         plots.training_plots(wd)
     summary["data_dir"] = str(data_dir)
     return summary
