@@ -448,3 +448,28 @@ def test_a_classifier_keeps_its_best_checkpoint_by_slice_f1(tmp_path):
     assert ckpt.best.latest_step() == 2 and ckpt.best_value == 0.7
     ckpt.close()
     assert Checkpoints(tmp_path, metric="slice_f1").best_value == 0.7  # read back on resume
+
+
+def test_batch_job_output_shows_progress_and_a_relative_data_dir_is_stored_absolute(tmp_path):
+    """Output to a file (nohup, SLURM): one progress line per log interval; a
+    relative --data-dir is stored absolute, so `evaluate` run from elsewhere finds it."""
+    res = _cli("data", "synth", "--out", str(tmp_path / "lgg"), "--patients", "4", "--size", "32", "--slices", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "dlvae_jax.cli", "train", "--config", TINY, "--workdir", "w",
+                               "--data-dir", "lgg", "--set", "train.steps=4"], cwd=tmp_path, env=FAST_ENV,
+                              stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    lines = [l for l in text.splitlines() if l.startswith("train step ")]
+    assert [l.split()[2] for l in lines] == ["1/4", "2/4", "3/4", "4/4"], text[-2000:]
+    assert all("slices/s" in l and "ETA" in l and "loss" in l for l in lines)
+    assert "val Dice" in lines[-1] and "val Dice" not in lines[0]
+    stored = json.loads((tmp_path / "w" / "config.json").read_text())["data"]["data_dir"]
+    assert Path(stored).is_absolute() and Path(stored) == (tmp_path / "lgg").resolve()
+    res = _cli("evaluate", "--workdir", str(tmp_path / "w"), "--split", "test")  # from the repository root
+    assert res.returncode == 0, res.stderr[-2000:]
+    quiet = _cli("train", "--config", TINY, "--workdir", str(tmp_path / "q"), "--set", "train.steps=2",
+                 "--set", "train.eval_every=2", "--quiet")
+    assert quiet.returncode == 0 and "train step" not in quiet.stderr, quiet.stderr[-2000:]

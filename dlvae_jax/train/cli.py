@@ -12,7 +12,8 @@ def _cmd_train(args) -> int:
 
     overrides = list(args.set or [])
     if args.data_dir is not None:
-        overrides.append(f"data.data_dir={os.fspath(args.data_dir)!r}")
+        # Stored absolute: `evaluate` and `predict` run from anywhere find the data.
+        overrides.append(f"data.data_dir={os.path.abspath(os.path.expanduser(os.fspath(args.data_dir)))!r}")
     if args.tfds_dir is not None:
         overrides.append(f"data.tfds_dir={os.path.abspath(os.fspath(args.tfds_dir))!r}")
         overrides.append("data.source='array_record'")
@@ -25,7 +26,8 @@ def _cmd_train(args) -> int:
     from dlvae_jax.train.loop import train
 
     try:
-        summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite)
+        summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite,
+                        progress="none" if args.quiet else None)
     except signals.Interrupted:
         if args.distributed:
             # Every process stops after the same step (the loop agrees on it); leaving
@@ -92,6 +94,8 @@ def register(subparsers) -> None:
                    help="override a config field, e.g. --set train.steps=200 (repeatable)")
     p.add_argument("--parallel", choices=RUNNERS, default="jit", help="how the step runs on many devices (default: jit)")
     p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --workdir")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: a bar on a terminal, else one line per log interval on stderr)")
     p.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed.initialize)")
     p.add_argument("--coordinator", default=None, help="coordinator host:port (default: from the environment)")
     p.add_argument("--num-processes", type=int, default=None, help="process count (default: from the environment)")

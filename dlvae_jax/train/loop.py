@@ -81,10 +81,12 @@ def _flat(d: dict, prefix=()) -> dict:
 def _config_conflict(old: dict, new: dict) -> list[str]:
     a, b = _flat(old), _flat(new)
     return [".".join(k) for k in sorted(set(a) | set(b))
-            if k not in RESUMABLE and k != ("config_name",) and _norm(a.get(k)) != _norm(b.get(k))]
+            if k not in RESUMABLE and k != ("config_name",) and _norm(k, a.get(k)) != _norm(k, b.get(k))]
 
 
-def _norm(v):
+def _norm(key, v):
+    if key == ("data", "data_dir") and v:  # stored absolute now; relative (to the cwd) by older runs
+        return str(Path(str(v)).expanduser().resolve())
     return list(v) if isinstance(v, tuple) else v
 
 
@@ -185,13 +187,37 @@ def summary_metrics(report: dict) -> dict:
     return {k: float(report[k]) for k in keys if k in report}
 
 
+PROGRESS_CHOICES = ("bar", "lines", "none")
+
+
+def progress_mode(progress: bool | str | None) -> str:
+    """"bar" (a terminal), "lines" (one line per log interval on stderr: batch
+    jobs, `> log 2>&1`, nohup, SLURM) or "none"; None picks by whether stderr
+    is a terminal, True/False mean "bar"/"none"."""
+    if progress is None:
+        return "bar" if sys.stderr.isatty() else "lines"
+    if isinstance(progress, bool):
+        return "bar" if progress else "none"
+    if progress not in PROGRESS_CHOICES:
+        raise DlvaeError(f"progress must be one of {PROGRESS_CHOICES}, got {progress!r}")
+    return progress
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = False,
-          progress: bool | None = None) -> dict:
-    """Trains (or resumes) the run of `cfg` in `workdir`; returns a summary dict."""
+          progress: bool | str | None = None) -> dict:
+    """Trains (or resumes) the run of `cfg` in `workdir`; returns a summary dict.
+
+    progress: see `progress_mode` (default: a bar on a terminal, else lines)."""
     ex.check_config(cfg)
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    progress = sys.stderr.isatty() if progress is None else progress
+    progress = progress_mode(progress)
     new = json.loads(configs.to_json(cfg))
     old_path = workdir / CONFIG_FILE
     if old_path.exists() and not overwrite:
@@ -261,7 +287,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> dict:
+def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: str) -> dict:
     if int(cfg.train.batch_size) % jax.device_count():
         raise DlvaeError(f"train.batch_size {cfg.train.batch_size} does not split over {jax.device_count()} "
                          "devices; use a multiple of the device count")
@@ -321,7 +347,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
         it.set_state(data_state)
     logger = Logger(wd, is_main)
     bar = None
-    if progress and is_main:
+    lines = progress == "lines" and is_main
+    if progress == "bar" and is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -348,6 +375,13 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
             logger.write("train", step_no, dict(host, slices_per_s=round(rate, 3)))
             if bar is not None:
                 bar.set_postfix(loss=f"{host['total']:.4f}", sl_s=f"{rate:.1f}")
+            if lines:
+                eta = (total - step_no) * batch_size / max(rate, 1e-9)
+                dice = last["eval"].get("dice_volume_mean")
+                print(f"train step {step_no}/{total} ({100 * step_no // total}%)  loss {host['total']:.4f}  "
+                      f"{rate:.1f} slices/s  ETA {_duration(eta)}"
+                      + (f"  val Dice {dice:.3f} (step {last['eval_step']})" if dice is not None else ""),
+                      file=sys.stderr, flush=True)
 
     def checkpoint(step_no, st, dstate, eval_metrics=None):
         host_state = runner.get_state(st)
@@ -389,7 +423,7 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: bool) -> di
                             report = evaluate_split(runner, runner.eval_variables(state), val_loader, cfg)
                             eval_metrics = summary_metrics(report)
                             logger.write("eval", step_no, eval_metrics)
-                            last["eval"] = eval_metrics
+                            last["eval"], last["eval_step"] = eval_metrics, step_no
                             if bar is not None:
                                 bar.set_postfix(loss=f"{last['train']['total']:.4f}",
                                                 val_dice=f"{eval_metrics['dice_volume_mean']:.3f}")
