@@ -473,3 +473,19 @@ def test_batch_job_output_shows_progress_and_a_relative_data_dir_is_stored_absol
     quiet = _cli("train", "--config", TINY, "--workdir", str(tmp_path / "q"), "--set", "train.steps=2",
                  "--set", "train.eval_every=2", "--quiet")
     assert quiet.returncode == 0 and "train step" not in quiet.stderr, quiet.stderr[-2000:]
+
+
+def test_print_config_lists_every_field_that_set_accepts():
+    import ast
+
+    res = _cli("train", "--config", "demo", "--set", "train.steps=7", "--print-config")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert "train.steps = 7  (int)" in lines and "model.name = 'dlvae_cnn'  (str)" in lines
+    fields = dict(l.split(" = ", 1) for l in lines)
+    assert {"data.source", "loss.free_bits", "optimizer.learning_rate", "model.label_dropout"} <= set(fields)
+    # Each printed field, set back to its printed value, is accepted and gives the same config.
+    overrides = [f"{k}={v.rsplit('  (', 1)[0]}" for k, v in fields.items() if k != "config_name"]
+    again = configs.load("demo", overrides)
+    assert configs.load("demo", ["train.steps=7"]).to_dict() == again.to_dict()
+    assert ast.literal_eval(fields["train.steps"].rsplit("  (", 1)[0]) == 7

@@ -208,6 +208,24 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+def describe(cfg: ml_collections.ConfigDict) -> str:
+    """Every field of a resolved config, one `section.field = value  (type)` line
+    each: what `--set section.field=value` accepts (`train --print-config`)."""
+    lines = []
+
+    def walk(node, prefix):
+        for key in sorted(node):
+            value = node[key]
+            if isinstance(value, (dict, ml_collections.ConfigDict)):
+                walk(value, f"{prefix}{key}.")
+            else:
+                kind = type(value).__name__ if value is not None else "None"
+                lines.append(f"{prefix}{key} = {value!r}  ({kind})")
+
+    walk(cfg.to_dict(), "")
+    return "\n".join(lines)
+
+
 class ConfigFileError(ConfigError, ValueError):
     """A config.json that is not a config (also a ValueError, as a JSON syntax error is)."""
 

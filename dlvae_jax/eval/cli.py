@@ -54,12 +54,16 @@ def _cmd_predict(args) -> int:
 
 def register(subparsers) -> None:
     from dlvae_jax.eval.evaluate import SPLIT_CHOICES
-    from dlvae_jax.eval.evaluate import __doc__ as evaluate_doc
 
     p = subparsers.add_parser(
         "evaluate",
         help="score a trained workdir on a split: metrics.json, per-patient CSV, plots, table beside the paper's",
-        description=evaluate_doc,
+        description="Score a trained workdir's best (or latest) checkpoint on the slices of a split and "
+                    "write, into the workdir: metrics_<split>.json, per_patient_<split>.csv, metrics.json (the "
+                    "latest evaluation) and eval_<split>/ (Dice per patient, confusion matrix, overlays). A slice "
+                    "is called tumor when the class head's probability is >= 0.5; its mask is the pixels with "
+                    "probability >= 0.5, emptied on slices called no tumor. Prints our figures beside the "
+                    "paper's Tables I-IV. Keys and empty-mask rules: docs/evaluate.md.",
     )
     p.add_argument("--workdir", required=True, help="training folder (holds config.json, splits.json, checkpoints/)")
     p.add_argument("--data-dir", default=None,
@@ -74,12 +78,15 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
-    from dlvae_jax.eval.predict import __doc__ as predict_doc
-
     p = subparsers.add_parser(
         "predict",
         help="masks, probabilities, overlays (and uncertainty maps) for slice TIFFs or patient folders",
-        description=predict_doc,
+        description="Predict tumor masks for slice TIFFs (<name>_<n>.tif: 8-bit FLAIR, or 3 channels with "
+                    "FLAIR second) or patient folders of them, with a trained workdir's model. Writes into --out, "
+                    "per slice, <folder>/<stem>_mask.tif (0/255, the dataset's convention), _prob.npy and "
+                    "_overlay.png, and predictions.jsonl; with --samples N (DL-VAE-CNN only) also the mean "
+                    "probability and its entropy (the uncertainty map) over N latent samples. --out is built "
+                    "beside its place and renamed in at the end.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="slice TIFF (<name>_<n>.tif) or folder of them")
     p.add_argument("--workdir", required=True, help="training folder to load the model from")

@@ -18,6 +18,11 @@ def _cmd_train(args) -> int:
         overrides.append(f"data.tfds_dir={os.path.abspath(os.fspath(args.tfds_dir))!r}")
         overrides.append("data.source='array_record'")
     cfg = configs.load(args.config, overrides)
+    if args.print_config:
+        print(configs.describe(cfg))
+        return 0
+    if not args.workdir:
+        raise DlvaeError("train: --workdir is required (the run folder: config, splits, checkpoints, logs)")
     if args.distributed:
         _init_distributed(args)
     import jax
@@ -82,10 +87,19 @@ def _init_distributed(args) -> None:
 def register(subparsers) -> None:
     from dlvae_jax.train.runners import RUNNERS
 
-    p = subparsers.add_parser("train", help="train a model from a config into a workdir (resumes by itself)")
+    p = subparsers.add_parser(
+        "train", help="train a model from a config into a workdir (resumes by itself)",
+        description="Train a model from a config (a name or a .py file, with --set overrides) into a workdir: "
+                    "config.json, splits.json, checkpoints (latest and best by validation score), log.jsonl, "
+                    "plots, and at the end the best checkpoint scored on the validation split. Run it again on "
+                    "the same workdir to resume where it stopped. --print-config lists every field --set "
+                    "accepts.")
     p.add_argument("--config", default="demo",
                    help="config name (demo, cpu, default, unet, cnn, vgg16, dcnn) or a .py file (default: demo)")
-    p.add_argument("--workdir", required=True, help="run folder: config, splits, checkpoints, logs, plots")
+    p.add_argument("--workdir", default=None, help="run folder: config, splits, checkpoints, logs, plots (required "
+                                                   "unless --print-config)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every field --set accepts, with its value and type) and exit")
     p.add_argument("--data-dir", default=None, help="dataset folder in the kaggle_3m layout (default: the config's)")
     p.add_argument("--tfds-dir", default=None,
                    help="read slices from this `dlvae-jax data build` folder (array_record, each process its shard) "
