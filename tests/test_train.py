@@ -153,13 +153,17 @@ for runner_name in runners:
 """
 
 
-@pytest.mark.parametrize("model,free_bits", [("unet", 0.0), ("dlvae_cnn", 0.0), ("dlvae_cnn", 0.05)])
+# free_bits 0.3 nats: at this state the dimensions' batch-mean KL spans 0.18-1.24,
+# so the floor is active for some dimensions and not for others, and the
+# per-device means of 2 rows fall on either side of it.
+@pytest.mark.parametrize("model,free_bits", [("unet", 0.0), ("dlvae_cnn", 0.3)])
 def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits):
     """One step on a global batch of 16 over 8 simulated devices: parameters,
     batch-norm statistics and every logged metric within 1e-5 of the
     single-device step, for every runner. For dlvae_cnn this needs the model's
     own draws (VAE noise, label dropout, dropout) keyed per example, and free
-    bits floored on the global batch mean, not per device."""
+    bits floored on the global batch mean, not per device (both failed before:
+    one draw per device, a floor per device)."""
     runners = "jit,shard_map,pmap"
     env = dict(FAST_ENV, XLA_FLAGS=FAST_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
     res = subprocess.run([sys.executable, "-c", RUNNER_CHECK, model, runners, str(free_bits)], cwd=REPO_ROOT, env=env,
@@ -470,9 +474,6 @@ def test_batch_job_output_shows_progress_and_a_relative_data_dir_is_stored_absol
     assert Path(stored).is_absolute() and Path(stored) == (tmp_path / "lgg").resolve()
     res = _cli("evaluate", "--workdir", str(tmp_path / "w"), "--split", "test")  # from the repository root
     assert res.returncode == 0, res.stderr[-2000:]
-    quiet = _cli("train", "--config", TINY, "--workdir", str(tmp_path / "q"), "--set", "train.steps=2",
-                 "--set", "train.eval_every=2", "--quiet")
-    assert quiet.returncode == 0 and "train step" not in quiet.stderr, quiet.stderr[-2000:]
 
 
 def test_print_config_lists_every_field_that_set_accepts():
