@@ -490,3 +490,14 @@ def test_print_config_lists_every_field_that_set_accepts():
     again = configs.load("demo", overrides)
     assert configs.load("demo", ["train.steps=7"]).to_dict() == again.to_dict()
     assert ast.literal_eval(fields["train.steps"].rsplit("  (", 1)[0]) == 7
+
+
+def test_a_bad_data_source_is_one_line_before_anything_is_written(tmp_path):
+    for args, words in ((["--set", "data.source=bogus"], "data.source must be one of"),
+                        (["--tfds-dir", str(tmp_path / "none")], "no such folder"),
+                        (["--set", "data.source='memory'", "--set", f"data.tfds_dir={str(tmp_path)!r}"],
+                         "read as array_record")):
+        res = _cli("train", "--config", "demo", "--workdir", str(tmp_path / "w"), *args)
+        lines = [l for l in res.stderr.splitlines() if l.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and words in lines[0], res.stderr[-2000:]
+        assert not (tmp_path / "w").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 from dlvae_jax import configs
 from dlvae_jax.data import lgg
 from dlvae_jax.data.augment import AugmentConfig
+from dlvae_jax.data.source import SOURCES
 from dlvae_jax.data.splits import SPLITS_FILE, make_splits, read_splits, write_splits
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.losses import LossConfig
@@ -58,6 +59,15 @@ def check_config(cfg) -> None:
             levels = max(levels, int(cfg.model[key]))
     if size <= 0 or size % (2 ** levels):
         raise DlvaeError(f"data.image_size {size} must be a positive multiple of 2^{levels} for this model")
+    if cfg.data.source not in SOURCES:
+        raise DlvaeError(f"data.source must be one of {', '.join(SOURCES)}, got {cfg.data.source!r}")
+    if cfg.data.tfds_dir:
+        if cfg.data.source == "memory":
+            raise DlvaeError("data.tfds_dir (train --tfds-dir) is read as array_record; "
+                             "drop data.source=memory or the tfds_dir")
+        if not Path(cfg.data.tfds_dir).expanduser().is_dir():
+            raise DlvaeError(f"{cfg.data.tfds_dir}: no such folder (data.tfds_dir, train --tfds-dir: "
+                             "a folder made by `dlvae-jax data build`)")
     if cfg.data.channels not in lgg.CHANNEL_CHOICES:
         raise DlvaeError(f"data.channels must be one of {lgg.CHANNEL_CHOICES}, got {cfg.data.channels!r}")
     if "num_clusters" in cfg.model and int(cfg.model.num_clusters) != int(cfg.preprocess.k):
