@@ -17,7 +17,7 @@ from dlvae_jax.data import lgg, pipeline, source, tfds_lgg
 from dlvae_jax.data.pipeline import Shard
 from dlvae_jax.data.splits import make_splits, read_splits, records_for_split
 from dlvae_jax.data.synth import synthesize
-from dlvae_jax.errors import DataError
+from dlvae_jax.errors import DataError, OutputError
 
 from conftest import REPO_ROOT
 
@@ -410,3 +410,12 @@ def test_concurrent_callers_build_the_cache_once(tmp_path):
         t.join()
     assert not errors and source.build_count == n0 + 1
     assert sorted(r.built for r in results) == [False, False, True]
+
+
+def test_a_cache_inside_the_data_folder_is_refused_before_anything_is_created(tmp_path):
+    index, splits = _tiny(tmp_path / "lgg")
+    before = sorted(p.name for p in (tmp_path / "lgg").rglob("*"))
+    for cache_dir in (tmp_path / "lgg", tmp_path / "lgg" / "sub"):
+        with pytest.raises(OutputError, match="inside the input folder"):
+            source.split_loader(index, splits, "train", source="array_record", cache_dir=cache_dir)
+    assert sorted(p.name for p in (tmp_path / "lgg").rglob("*")) == before

@@ -53,6 +53,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dlvae_jax import outdir
 from dlvae_jax.data import lgg, pipeline, tfds_lgg
 from dlvae_jax.data.lgg import CHANNEL_CHOICES, LggIndex, SliceRecord
 from dlvae_jax.data.splits import records_for_split, split_report
@@ -346,6 +347,8 @@ def ensure_cache(index: LggIndex, splits: dict[str, list[str]], cache_dir: str |
     """
     inputs = cache_inputs(index, splits)
     folder = cache_folder(cache_dir, inputs)
+    # Before anything is created: a cache inside the data folder (or holding it) would write into the data.
+    outdir.check_inputs(f"data.cache_dir {cache_dir}", Path(os.path.realpath(os.path.abspath(folder))), [index.root])
     final = folder / tfds_lgg.NAME
     if cache_problem(final, inputs) is None:
         return folder, False
