@@ -133,12 +133,12 @@ def bench_jax(name: str, batch: int, size: int, args) -> list[dict]:
     import jax.numpy as jnp
     import optax
 
-    from dlvae_jax.losses import LossConfig, total_loss
+    from dlvae_jax.losses import from_config as losses_from_config, total_loss
     from dlvae_jax.models import apply_model, count_params, example_inputs, get_model, init_variables
 
     cfg = _model_config(name, args.dtype)
     model = get_model(name, **cfg["model"])
-    loss_cfg = LossConfig(**cfg["loss"])
+    loss_cfg = losses_from_config(cfg["loss"])
     opt = cfg["optimizer"]
     tx = optax.adamw(opt["learning_rate"], b1=opt["b1"], b2=opt["b2"], weight_decay=opt["weight_decay"])
     device = jax.devices()[0]

@@ -113,7 +113,7 @@ def run(args) -> dict:
     cfg.train.steps = int(args.steps)
     cfg.train.seed = int(args.seed)
     cfg.optimizer.warmup_steps = min(int(cfg.optimizer.warmup_steps), max(1, args.steps // 20))
-    cfg.loss.kl_warmup_steps = min(int(cfg.loss.kl_warmup_steps), max(1, args.steps // 5))
+    ex.shorten_schedules(cfg, int(args.steps))
     ex.check_config(cfg)
 
     index = lgg.scan(args.data_dir)

@@ -91,6 +91,7 @@ def title(model: str) -> str:
 def cell_config(model: str, seed: int, steps: int, data_dir: Path, split_seed: int, overrides: list[str]):
     """The resolved config of one (model, seed) cell."""
     from dlvae_jax import configs
+    from dlvae_jax.train import experiment as ex
 
     cfg = configs.load(MODELS[model][1], list(overrides))
     cfg.data.data_dir = str(data_dir)
@@ -102,7 +103,7 @@ def cell_config(model: str, seed: int, steps: int, data_dir: Path, split_seed: i
     cfg.train.checkpoint_every = half
     cfg.train.log_every = max(1, min(int(cfg.train.log_every), steps // 20 or 1))
     cfg.optimizer.warmup_steps = min(int(cfg.optimizer.warmup_steps), max(1, steps // 20))
-    cfg.loss.kl_warmup_steps = min(int(cfg.loss.kl_warmup_steps), max(1, steps // 5))
+    ex.shorten_schedules(cfg, int(steps))
     cfg.eval.overlays = 4
     return cfg
 

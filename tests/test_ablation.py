@@ -44,13 +44,15 @@ def _setup(opt: str):
     model = get_model("dlvae_cnn", features=4, levels=2, vae_features=4, vae_levels=2, specific_dim=4, shared_dim=4)
     # Clipped, small steps: unclipped SGD on this tiny model diverges within 3
     # steps, and a diverging run turns float rounding into large differences.
-    # Adam with eps=1e-4: its first step is lr * g / (|g| + eps), which for a
+    # Adam with eps=1e-3: its first step is lr * g / (|g| + eps), which for a
     # gradient that is zero up to rounding is +-lr with the default eps=1e-8.
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.sgd(0.01) if opt == "sgd" else optax.adamw(1e-3, eps=1e-4, weight_decay=1e-4))
+                     optax.sgd(0.01) if opt == "sgd" else optax.adamw(1e-3, eps=1e-3, weight_decay=1e-4))
     prep, augment = PrepConfig(image_size=S, n_init=1), AugmentConfig()
-    base = LossConfig(kl_warmup_steps=2)
-    variants = [base, base.replace(kl=0.0), base.replace(cosine=0.0), base.replace(kl=3.0)]
+    base = LossConfig.make(kl_warmup_steps=2)
+    # Per pixel, the KL of 3 steps barely moves these tiny weights: the
+    # variants change terms that do.
+    variants = [base, base.set(reconstruction=0.0), base.set(cosine=0.0), base.set(latent_classification=3.0)]
     state0 = jax.device_get(create_state(model, tx, jax.random.key(3), example_inputs(2, S, 1)))
     return model, tx, prep, augment, variants, state0
 
@@ -83,25 +85,31 @@ def test_stacked_variants_equal_each_variant_trained_alone(opt, mode):
         many, metrics = vstep(many, b, losses)
     many = jax.device_get(many)
     assert int(many.step) == len(batches) and np.asarray(many.key).shape == (2,)
-    tol = 1e-5 if opt == "sgd" else 1e-4
+    tol = 1e-5 if opt == "sgd" else 3e-4  # Adam divides by |g| + eps: rounding in small gradients grows
     for i, (ref, total) in enumerate(alone):
         got = ablation.variant_state(many, i)
         assert int(got.step) == len(batches)
         assert _max_diff((got.params, got.batch_stats), (ref.params, ref.batch_stats)) <= tol, i
         assert abs(float(metrics["total"][i]) - total) <= 1e-4 * max(1.0, abs(total)), i
-    # The variants really differ, by far more than the tolerance: removing a term
+    # The variants really differ, by five times the tolerance or more: removing a term
     # or changing a weight moves the weights.
     for i in (1, 2, 3):
-        assert _max_diff(alone[i][0].params, alone[0][0].params) > 10 * tol, i
+        assert _max_diff(alone[i][0].params, alone[0][0].params) > 5 * tol, i
 
 
 def test_loss_variants_cover_each_vae_term_and_a_kl_sweep():
-    v = ablation.loss_variants(LossConfig())
+    v = ablation.loss_variants(LossConfig.make())
     assert len(v) >= 8
     zeroed = {name: [t for t, w in cfg.weights().items() if w == 0] for name, cfg in v.items()}
     assert sorted(t for ts in zeroed.values() for t in ts) == sorted(
         ["kl", "reconstruction", "cosine", "latent_classification"])
     assert len({cfg.kl for cfg in v.values()}) >= 5
-    assert len(ablation.loss_variants(LossConfig(), (0.0, 0.1, 0.1, 1.0, 3.0))) == 7  # 0 and 1 are not repeated
+    # full, 4 terms removed, free bits (the cyclical KL differs in a static
+    # field and cannot be stacked), then 0.1 and 3: 0 and 1 are not repeated
+    assert len(ablation.loss_variants(LossConfig.make(), (0.0, 0.1, 0.1, 1.0, 3.0))) == 8
     with pytest.raises(ValueError, match="static"):
-        ablation.stack_losses([LossConfig(), LossConfig(kl_warmup_steps=5)])
+        ablation.stack_losses([LossConfig.make(), LossConfig.make(kl_warmup_steps=5)])
+    # Variants are overrides of the base: one a cyclical base already has is kept.
+    assert "cyclical KL" not in v
+    cyc = ablation.loss_variants(LossConfig.make(schedules={"kl": "cyclical:200"}), ())
+    assert cyc["free bits 0.25"].free_bits == 0.25 and cyc["free bits 0.25"].schedule("kl") == "cyclical:200"

@@ -35,12 +35,17 @@ def np_bce(logits, t):
     return -(t * np.log(p) + (1 - t) * np.log(1 - p))
 
 
-def np_recon(logits, target, kind):
+def np_recon(logits, target, kind, reduction="mean"):
     if kind == "l2":
-        return np.mean((np_sigmoid(logits) - target) ** 2)
-    if kind == "l1":
-        return np.mean(np.abs(np_sigmoid(logits) - target))
-    return np.mean(np_bce(logits, target))
+        err = (np_sigmoid(logits) - target) ** 2
+    elif kind == "l1":
+        err = np.abs(np_sigmoid(logits) - target)
+    else:
+        err = np_bce(logits, target)
+    b, h, w, c = err.shape
+    per_example = err.reshape(b, -1).sum(axis=1)
+    scale = {"mean": 1.0 / (h * w * c), "sum": 1.0, "pixel": 1.0 / (h * w)}[reduction]
+    return np.mean(per_example) * scale
 
 
 def np_cosine(a, b):
@@ -148,7 +153,7 @@ def test_segmentation_matches_numpy():
     close(losses.pixel_bce(logits, mask), np.mean(np_bce(logits, mask)))
     _, logs = losses.total_loss({"logits_Bx2": np.zeros((3, 2), np.float32), "mask_logits_BxHxW": logits},
                                 {"label_B": np.zeros(3, np.int32), "mask_BxHxW": mask},
-                                LossConfig(seg_dice_weight=0.3, seg_bce_weight=2.0))
+                                LossConfig.make(seg_dice_weight=0.3, seg_bce_weight=2.0))
     close(logs["segmentation"], 0.3 * np_dice_loss(logits, mask) + 2.0 * np.mean(np_bce(logits, mask)))
 
 
@@ -192,16 +197,19 @@ def _fake_batch(b=2, h=4, w=4, c=3, k=4):
     }
 
 
-def _np_terms(out, batch, kind="l2", free_bits=0.0):
+def _np_terms(out, batch, kind="l2", free_bits=0.0, reduction="pixel"):
     o = jax.tree_util.tree_map(np.asarray, out)
     bt = jax.tree_util.tree_map(np.asarray, batch)
     names = ("pp", "pv", "qq", "qv")
     onehot = np.eye(o["recon_b2_logits_BxHxWxK"].shape[-1])[bt["clusters_BxHxW"]]
+    h, w = bt["image_BxHxWxC"].shape[1:3]
+    kl_scale = 1.0 / (h * w) if reduction == "pixel" else 1.0
     return {
-        "kl": np_kl([o["latent_means"][n] for n in names], [o["latent_logvars"][n] for n in names], free_bits),
-        "reconstruction": np_recon(o["recon_b1_logits_BxHxWxC"], bt["image_BxHxWxC"], kind)
-        + np_recon(o["recon_b2_logits_BxHxWxK"], onehot, kind),
-        "cosine": np_cosine(o["z_pv_BxD"], o["z_qv_BxD"]),
+        "kl": kl_scale * np_kl([o["latent_means"][n] for n in names], [o["latent_logvars"][n] for n in names],
+                               free_bits),
+        "reconstruction": np_recon(o["recon_b1_logits_BxHxWxC"], bt["image_BxHxWxC"], kind, reduction)
+        + np_recon(o["recon_b2_logits_BxHxWxK"], onehot, kind, reduction),
+        "cosine": np_cosine(o["latent_means"]["pv"], o["latent_means"]["qv"]),
         "latent_classification": np_ce(o["latent_logits_Bx2"], bt["label_B"]),
         "classification": np_ce(o["logits_Bx2"], bt["label_B"]),
         "segmentation": np_dice_loss(o["mask_logits_BxHxW"], bt["mask_BxHxW"])
@@ -211,7 +219,7 @@ def _np_terms(out, batch, kind="l2", free_bits=0.0):
 
 def test_total_loss_matches_weighted_numpy_sum():
     out, batch = _fake_vae_outputs(), _fake_batch()
-    cfg = LossConfig(
+    cfg = LossConfig.make(
         kl=0.5, reconstruction=2.0, cosine=0.1, latent_classification=0.7, classification=1.3, segmentation=3.0,
         free_bits=0.01, reconstruction_kind="bce", kl_warmup_steps=10,
     )
@@ -236,11 +244,11 @@ def test_kl_adds_the_label_free_posterior_when_present():
     free_means = {n: jnp.asarray(RNG.normal(size=(2, 3)).astype(np.float32)) for n in names}
     free_logvars = {n: jnp.asarray(0.5 * RNG.normal(size=(2, 3)).astype(np.float32)) for n in names}
     _, logs = losses.total_loss(dict(out, free_latent_means=free_means, free_latent_logvars=free_logvars), batch,
-                                LossConfig(free_bits=0.02))
+                                LossConfig.make(free_bits=0.02))
     o = jax.tree_util.tree_map(np.asarray, out)
     expected = np_kl([o["latent_means"][n] for n in names], [o["latent_logvars"][n] for n in names], 0.02) + np_kl(
         [np.asarray(free_means[n]) for n in names], [np.asarray(free_logvars[n]) for n in names], 0.02)
-    close(logs["kl"], expected, rtol=1e-5)
+    close(logs["kl_nats"], expected, rtol=1e-5)
 
 
 def test_invalid_rows_are_left_out_of_every_term():
@@ -248,7 +256,7 @@ def test_invalid_rows_are_left_out_of_every_term():
     NumPy references on the valid rows alone, whatever the padding holds."""
     out, batch = _fake_vae_outputs(b=5), _fake_batch(b=5)
     valid = np.array([True, False, True, True, False])
-    cfg = LossConfig(free_bits=0.01, reconstruction_kind="l1")
+    cfg = LossConfig.make(free_bits=0.01, reconstruction_kind="l1")
     total, logs = losses.total_loss(out, dict(batch, valid_B=jnp.asarray(valid)), cfg)
     keep = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[valid], tree)
     ref = _np_terms(keep(out), keep(batch), "l1", 0.01)
@@ -260,20 +268,21 @@ def test_invalid_rows_are_left_out_of_every_term():
 def test_total_loss_skips_terms_a_model_lacks():
     out, batch = _fake_vae_outputs(), _fake_batch()
     baseline_out = {"logits_Bx2": out["logits_Bx2"]}
-    total, logs = losses.total_loss(baseline_out, batch, LossConfig())
+    total, logs = losses.total_loss(baseline_out, batch, LossConfig.make())
     assert set(logs) == {"classification", "total"}
     close(total, np_ce(np.asarray(out["logits_Bx2"]), np.asarray(batch["label_B"])))
     # Segmentation is skipped when the batch has no mask.
     _, logs = losses.total_loss({"logits_Bx2": out["logits_Bx2"], "mask_logits_BxHxW": out["mask_logits_BxHxW"]},
-                                dict(batch, mask_BxHxW=None), LossConfig())
+                                dict(batch, mask_BxHxW=None), LossConfig.make())
     assert "segmentation" not in logs and "classification" in logs
 
 
 def test_python_zero_weight_drops_a_nan_term_from_the_total():
     out, batch = _fake_vae_outputs(), _fake_batch()
-    out["z_pv_BxD"] = out["z_pv_BxD"].at[0, 0].set(jnp.nan)
-    total, logs = losses.total_loss(out, batch, LossConfig(cosine=0.0))
-    assert np.isnan(float(logs["cosine"]))  # still logged
+    out["latent_means"] = dict(out["latent_means"], pv=out["latent_means"]["pv"].at[0, 0].set(jnp.nan))
+    # The NaN mean reaches the KL too: both terms are switched off.
+    total, logs = losses.total_loss(out, batch, LossConfig.make(cosine=0.0, kl=0.0))
+    assert np.isnan(float(logs["cosine"])) and np.isnan(float(logs["kl"]))  # still logged
     assert np.isfinite(float(total))
 
 
@@ -287,10 +296,10 @@ def test_zero_weight_removes_gradient_wrt_outputs():
     def grad_total(out, cfg):
         return jax.grad(lambda o: losses.total_loss(o, batch, cfg)[0])(out)
 
-    full = grad_total(out, LossConfig())
+    full = grad_total(out, LossConfig.make())
     for term in losses.TERMS:
-        without = grad_total(out, LossConfig(**{term: 0.0}))
-        only = grad_total(out, LossConfig(**{t: (1.0 if t == term else 0.0) for t in losses.TERMS}))
+        without = grad_total(out, LossConfig.make(**{term: 0.0}))
+        only = grad_total(out, LossConfig.make(**{t: (1.0 if t == term else 0.0) for t in losses.TERMS}))
         # The term does contribute when its weight is 1 ...
         assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(only)) > 1e-4, term
         # ... and with weight 0 exactly its contribution is gone.
@@ -300,15 +309,102 @@ def test_zero_weight_removes_gradient_wrt_outputs():
 
 def test_loss_config_validates_and_is_a_pytree():
     with pytest.raises(ValueError, match="reconstruction_kind"):
-        LossConfig(reconstruction_kind="l3")
-    with pytest.raises(ValueError, match="kl_warmup_steps"):
-        LossConfig(kl_warmup_steps=-1)
-    leaves, treedef = jax.tree_util.tree_flatten(LossConfig(reconstruction_kind="l1", kl_warmup_steps=7))
-    assert len(leaves) == 10  # the ten float options; kind and warm-up are static
+        LossConfig.make(reconstruction_kind="l3")
+    with pytest.raises(ValueError, match="schedule"):
+        LossConfig.make(kl_warmup_steps=-1)
+    with pytest.raises(ValueError, match="reduction"):
+        LossConfig.make(reduction="median")
+    with pytest.raises(ValueError, match="no_such_term"):
+        LossConfig.make(no_such_term=1.0)
+    leaves, treedef = jax.tree_util.tree_flatten(LossConfig.make(reconstruction_kind="l1", kl_warmup_steps=7))
+    assert len(leaves) == 10  # six weights, four float options; kind, reduction and schedules are static
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
-    assert rebuilt.reconstruction_kind == "l1" and rebuilt.kl_warmup_steps == 7
+    assert rebuilt.reconstruction_kind == "l1" and rebuilt.schedule("kl") == "linear:7"
     # Stacked configs vmap: one loss per variant.
     out, batch = _fake_vae_outputs(), _fake_batch()
-    stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), LossConfig(cosine=0.0), LossConfig(cosine=1.0))
+    stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), LossConfig.make(cosine=0.0), LossConfig.make(cosine=1.0))
     totals = jax.vmap(lambda c: losses.total_loss(out, batch, c)[0])(stacked)
-    close(totals[1] - totals[0], np_cosine(np.asarray(out["z_pv_BxD"]), np.asarray(out["z_qv_BxD"])), rtol=1e-4)
+    close(totals[1] - totals[0], np_cosine(np.asarray(out["latent_means"]["pv"]), np.asarray(out["latent_means"]["qv"])),
+          rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "pixel"])
+def test_reductions_scale_reconstruction_and_kl_as_documented(reduction):
+    """'sum' is the ELBO in nats per slice; 'pixel' the same divided by H*W;
+    'mean' the per-value mean beside the KL in nats (hand-written NumPy)."""
+    out, batch = _fake_vae_outputs(h=6, w=5), _fake_batch(h=6, w=5)
+    _, logs = losses.total_loss(out, batch, LossConfig.make(reconstruction_kind="bce", reduction=reduction))
+    ref = _np_terms(out, batch, "bce", 0.0, reduction)
+    close(logs["reconstruction"], ref["reconstruction"], rtol=1e-5)
+    close(logs["kl"], ref["kl"], rtol=1e-5)
+    close(logs["kl_nats"], ref["kl"] * (30 if reduction == "pixel" else 1), rtol=1e-5)
+
+
+def test_label_free_posterior_is_reconstructed_and_counted():
+    """The label-free posterior's decoded views add their own reconstruction
+    term, and its plain KL is logged as kl_free_nats."""
+    out, batch = _fake_vae_outputs(), _fake_batch()
+    free = _fake_vae_outputs()
+    both = dict(out, free_latent_means=free["latent_means"], free_latent_logvars=free["latent_logvars"],
+                free_recon_b1_logits_BxHxWxC=free["recon_b1_logits_BxHxWxC"],
+                free_recon_b2_logits_BxHxWxK=free["recon_b2_logits_BxHxWxK"])
+    cfg = LossConfig.make(reduction="sum")
+    _, logs = losses.total_loss(both, batch, cfg)
+    ref, ref_free = _np_terms(out, batch, "bce", 0.0, "sum"), _np_terms(free, batch, "bce", 0.0, "sum")
+    close(logs["reconstruction"], ref["reconstruction"] + ref_free["reconstruction"], rtol=1e-5)
+    close(logs["kl"], ref["kl"] + ref_free["kl"], rtol=1e-5)
+    close(logs["kl_free_nats"], ref_free["kl"], rtol=1e-5)
+    close(logs["cosine"], (ref["cosine"] + ref_free["cosine"]) / 2, rtol=1e-5)
+
+
+def test_schedules_by_hand():
+    f = lambda spec, step: float(losses.schedule_factor(spec, step))
+    assert f("constant", 123) == 1.0
+    assert f("linear:100", 0) == 0.0 and f("linear:100", 25) == 0.25 and f("linear:100", 400) == 1.0
+    assert f("linear:0", 0) == 1.0
+    # cycles of 100 steps, rising over the first half: 0, 0.5, 1 (step 50..99), 0 again at 100
+    np.testing.assert_allclose([f("cyclical:100", s) for s in (0, 25, 50, 99, 100, 130)],
+                               [0.0, 0.5, 1.0, 1.0, 0.0, 0.6], rtol=1e-6)
+    close(f("cyclical:10:1", 5), 0.5)
+    for bad in ("linear", "linear:-1", "cyclical:0", "cyclical:10:0", "cosine:3", "linear:x"):
+        with pytest.raises(ValueError, match="schedule"):
+            losses.parse_schedule(bad)
+    # A scheduled term is multiplied by its factor and the factor is logged.
+    out, batch = _fake_vae_outputs(), _fake_batch()
+    cfg = LossConfig.make(schedules={"cosine": "linear:10"})
+    t0, logs = losses.total_loss(out, batch, cfg, step=3)
+    t1, _ = losses.total_loss(out, batch, cfg.set(cosine=0.0), step=3)
+    close(logs["cosine_beta"], 0.3)
+    close(t0 - t1, 0.3 * float(logs["cosine"]), rtol=1e-4)
+
+
+def test_a_new_term_is_one_function_and_one_weight():
+    """Registering a term and giving it a weight adds weight * value to the
+    total, logged under its name; without a weight it is not computed."""
+    name = "test_mean_abs_logit"
+
+    @losses.term(name)
+    def _mean_abs_logit(outputs, batch, cfg, ctx):
+        return jnp.mean(jnp.abs(outputs["logits_Bx2"]))
+
+    try:
+        out, batch = _fake_vae_outputs(), _fake_batch()
+        base_total, base_logs = losses.total_loss(out, batch, LossConfig.make())
+        assert name not in base_logs
+        total, logs = losses.total_loss(out, batch, LossConfig.make(**{name: 0.5}))
+        expected = np.mean(np.abs(np.asarray(out["logits_Bx2"])))
+        close(logs[name], expected)
+        close(total - base_total, 0.5 * expected, rtol=1e-4)
+    finally:
+        del losses.TERMS[name]
+
+
+def test_old_run_configs_keep_their_meaning():
+    """A run's config.json written with flat weights (before terms were declared
+    once) is read with the per-value mean it was trained with."""
+    old = dict(kl=0.5, reconstruction=1.0, cosine=1.0, latent_classification=1.0, classification=1.0,
+               segmentation=1.0, free_bits=0.1, seg_dice_weight=1.0, seg_bce_weight=1.0, dice_smooth=1.0,
+               reconstruction_kind="l2", kl_warmup_steps=300)
+    cfg = losses.from_config(old)
+    assert cfg.reduction == "mean" and cfg.reconstruction_kind == "l2" and cfg.kl == 0.5
+    assert cfg.schedule("kl") == "linear:300" and cfg.free_bits == 0.1

@@ -72,7 +72,7 @@ class Compiled:
         self.train_step = jit(jax.value_and_grad(loss_fn, has_aux=True))
         self.infer = jit(lambda variables, batch: apply_model(model, variables, batch, train=False)[0])
 
-    def step(self, key, cfg=LossConfig()):
+    def step(self, key, cfg=LossConfig.make()):
         return self.train_step(self.variables["params"], self.variables, self.batch, key, cfg)
 
 
@@ -143,8 +143,8 @@ def test_batch_norm_uses_batch_statistics_in_training_only(compiled):
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[0], a), jax.tree_util.tree_map(lambda x: x[0], b),
                                 rtol=1e-5, atol=1e-6)
     key = jax.random.key(9)
-    (_, (ta, _, _)), _ = m.train_step(m.variables["params"], m.variables, m.batch, key, LossConfig())
-    (_, (tb, _, _)), _ = m.train_step(m.variables["params"], m.variables, other, key, LossConfig())
+    (_, (ta, _, _)), _ = m.train_step(m.variables["params"], m.variables, m.batch, key, LossConfig.make())
+    (_, (tb, _, _)), _ = m.train_step(m.variables["params"], m.variables, other, key, LossConfig.make())
     assert not np.allclose(ta["mask_logits_BxHxW"][0], tb["mask_logits_BxHxW"][0])
 
 
@@ -194,10 +194,10 @@ def test_zero_loss_weight_removes_that_terms_gradient(compiled):
     m = compiled("dlvae_cnn")
     key = jax.random.key(6)
     grad = lambda cfg: m.step(key, cfg)[1]
-    full = grad(LossConfig())
+    full = grad(LossConfig.make())
     for term in losses.TERMS:
-        without = grad(LossConfig(**{term: 0.0}))
-        only = grad(LossConfig(**{t: float(t == term) for t in losses.TERMS}))
+        without = grad(LossConfig.make(**{term: 0.0}))
+        only = grad(LossConfig.make(**{t: float(t == term) for t in losses.TERMS}))
         norm_only = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(only))))
         assert norm_only > 1e-6, term
         diff = jax.tree_util.tree_map(lambda f, w, o: f - o - w, full, without, only)
@@ -205,7 +205,7 @@ def test_zero_loss_weight_removes_that_terms_gradient(compiled):
         err = float(jnp.sqrt(sum(jnp.sum(d**2) for d in jax.tree_util.tree_leaves(diff))))
         assert err <= 1e-4 * scale + 1e-6, (term, err, scale)
     # All weights 0: no gradient at all.
-    zero = grad(LossConfig(**{t: 0.0 for t in losses.TERMS}))
+    zero = grad(LossConfig.make(**{t: 0.0 for t in losses.TERMS}))
     assert all(bool(jnp.all(g == 0)) for g in jax.tree_util.tree_leaves(zero))
 
 

@@ -122,7 +122,7 @@ if name == "dlvae_cnn":
 model = get_model(name, **kw)
 state0 = jax.device_get(create_state(model, tx, jax.random.key(1), example_inputs(2, S, 1)))  # host copy: steps donate
 
-loss_cfg = LossConfig(free_bits=float(sys.argv[3]))
+loss_cfg = LossConfig.make(free_bits=float(sys.argv[3]))
 def step_fn(model):
     return functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg, prep=prep,
                              augment=AugmentConfig())

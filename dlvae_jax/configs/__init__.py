@@ -160,6 +160,15 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         node = cfg
         for i, part in enumerate(parts):
             fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            if i == 2 and parts[0] == "loss" and parts[1] in ("weights", "schedules") and part not in fields:
+                # Any registered loss term may be given a weight or a schedule.
+                from dlvae_jax.losses import TERMS
+
+                if part in TERMS and len(parts) == 3:
+                    node[part] = 0.0 if parts[1] == "weights" else "constant"
+                    fields.append(part)
+                else:
+                    fields += list(TERMS)
             if i == 1 and parts[0] == "model" and part not in fields:
                 # Any option of the chosen model may be set, listed in the config or not.
                 known = model_fields(cfg.model.get("name", ""))
@@ -299,7 +308,7 @@ _POSITIVE_INTS = (("train", "batch_size"), ("train", "steps"), ("train", "log_ev
                   ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
                   ("optimizer", "accumulate_steps"), ("data", "image_size"), ("preprocess", "n_init"),
                   ("data", "synth_patients"), ("data", "synth_size"), ("data", "synth_slices"))
-_NON_NEGATIVE_INTS = (("eval", "overlays"), ("optimizer", "warmup_steps"), ("loss", "kl_warmup_steps"),
+_NON_NEGATIVE_INTS = (("eval", "overlays"), ("optimizer", "warmup_steps"),
                       ("data", "num_threads"))
 _SEEDS = (("train", "seed"), ("data", "split_seed"), ("data", "synth_seed"))
 
@@ -382,6 +391,7 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0 or fractions[1] <= 0:
         raise ConfigError(_at(where, "data.fractions must be (train, validation, test) shares >= 0 summing to 1, "
                                      f"with train and validation > 0; got {tuple(value('data', 'fractions'))}"))
+    _validate_loss(cfg.loss, where)
     k = value("preprocess", "k")
     if not 2 <= k <= 255:
         raise ConfigError(_at(where, f"preprocess.k must be in [2, 255] (clusters of grey levels), got {k}"))
@@ -391,3 +401,30 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
             if v < lo:
                 raise ConfigError(_at(where, f"data.{key} must be at least {lo} for synthetic data, got {v}"))
     return cfg
+
+
+def _validate_loss(loss: Any, where: str | None) -> None:
+    """Weights and schedules name registered terms; weights are finite numbers,
+    schedules parse; the reconstruction kind and reduction are known."""
+    from dlvae_jax import losses
+
+    for group in ("weights", "schedules"):
+        if group not in loss:
+            continue
+        items = loss[group]
+        if not isinstance(items, (dict, ml_collections.ConfigDict)):
+            raise ConfigError(_at(where, f"loss.{group} must map loss terms to values, got {items!r}"))
+        for name, v in items.items():
+            if name not in losses.TERMS:
+                raise ConfigError(_at(where, f"loss.{group}.{name}: no such loss term; registered: "
+                                             f"{', '.join(losses.TERMS)}"))
+            if group == "weights" and not _is_number(v):
+                raise ConfigError(_at(where, f"loss.weights.{name} must be a finite number, got {v!r}"))
+            if group == "schedules":
+                try:
+                    losses.parse_schedule(v)
+                except ValueError as err:
+                    raise ConfigError(_at(where, f"loss.schedules.{name}: {err}")) from None
+    for key, allowed in (("reconstruction_kind", losses.RECONSTRUCTION_KINDS), ("reduction", losses.REDUCTIONS)):
+        if key in loss and loss[key] not in allowed:
+            raise ConfigError(_at(where, f"loss.{key} must be one of {', '.join(allowed)}, got {loss[key]!r}"))

@@ -33,10 +33,17 @@ def base() -> ml_collections.ConfigDict:
         n_init=3,              # K-means restarts per slice and step
     )
     c.model = dict(name="dlvae_cnn", dtype="float32")
+    # One weight and one schedule per loss term (`dlvae_jax.losses`): a term
+    # registered with `@losses.term(name)` is switched on by a weight here.
     c.loss = dict(
-        kl=1.0, reconstruction=1.0, cosine=1.0, latent_classification=1.0, classification=1.0,
-        segmentation=1.0, free_bits=0.0, seg_dice_weight=1.0, seg_bce_weight=1.0, dice_smooth=1.0,
-        reconstruction_kind="l2", kl_warmup_steps=500,
+        weights=dict(kl=1.0, reconstruction=1.0, cosine=1.0, latent_classification=1.0, classification=1.0,
+                     segmentation=1.0),
+        # "constant", "linear:N" (0 -> 1 over N steps) or "cyclical:N[:R]" (cycles of N steps)
+        schedules=dict(kl="linear:500", reconstruction="constant", cosine="constant",
+                       latent_classification="constant", classification="constant", segmentation="constant"),
+        free_bits=0.0, seg_dice_weight=1.0, seg_bce_weight=1.0, dice_smooth=1.0,
+        reconstruction_kind="bce",  # "bce" (Bernoulli likelihood), "l2" or "l1"
+        reduction="pixel",          # "pixel" (ELBO / pixels), "sum" (ELBO in nats) or "mean" (literal Eqs. 6-7)
     )
     c.optimizer = dict(
         learning_rate=1e-3, warmup_steps=100, end_lr_factor=0.01, weight_decay=1e-4,

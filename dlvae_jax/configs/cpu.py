@@ -13,7 +13,7 @@ def get_config():
         name="dlvae_cnn", dtype="float32", features=16, levels=4, vae_features=16, vae_levels=4,
         specific_dim=16, shared_dim=16, label_dropout=0.2, inference_label="unknown",
     )
-    c.loss.kl_warmup_steps = 300
+    c.loss.schedules.kl = "linear:300"
     c.train.batch_size = 16
     c.train.steps = 1500
     c.train.eval_every = 250

@@ -10,7 +10,7 @@ def get_config():
     c.data.image_size = 256
     c.data.num_threads = 8
     c.model = dict(name="dlvae_cnn", dtype="bfloat16", inference_label="unknown")
-    c.loss.kl_warmup_steps = 2000
+    c.loss.schedules.kl = "linear:2000"
     c.optimizer.warmup_steps = 500
     c.train.batch_size = 32
     c.train.steps = 20000

@@ -15,7 +15,7 @@ def get_config():
         name="dlvae_cnn", dtype="float32", features=8, levels=3, vae_features=8, vae_levels=3,
         specific_dim=8, shared_dim=8, label_dropout=0.2, inference_label="unknown",
     )
-    c.loss.kl_warmup_steps = 50
+    c.loss.schedules.kl = "linear:50"
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 20
     c.train.batch_size = 8

@@ -114,6 +114,10 @@ class DLVAECNN(nn.Module):
     label_dropout: float = 0.2
     inference_label: str = "predicted"
     cnn_condition: str = "unknown"
+    # False: the same CNN with the VAE removed, z fixed to zeros (FiLM then
+    # reduces to a learned per-channel bias) and no VAE outputs, so no VAE
+    # loss terms: the control arm of experiments/vae_effect.py.
+    use_vae: bool = True
     norm: str = "batch"
     # The VAE is run twice per training step (label-conditioned and label-free),
     # so batch statistics would mix two input distributions and drift from the
@@ -146,9 +150,24 @@ class DLVAECNN(nn.Module):
     def __call__(self, inputs: dict[str, Any], train: bool = False) -> dict[str, jax.Array]:
         if self.cnn_condition not in CNN_CONDITIONS:
             raise ValueError(f"cnn_condition must be one of {CNN_CONDITIONS}, got {self.cnn_condition!r}")
+        if not self.use_vae:
+            return self._cnn_without_vae(inputs, train)
         if self.cnn_condition == "unknown":
             return self._label_free_cnn(inputs, train)
         return self._label_conditioned_cnn(inputs, train)
+
+    @property
+    def latent_dim(self) -> int:
+        """D of the conditioning latent z = [z_pp, z_pv, z_qq, z_qv]."""
+        return 2 * (self.specific_dim + self.shared_dim)
+
+    def _cnn_without_vae(self, inputs, train):
+        image = inputs["image_BxHxWxC"]
+        b = image.shape[0]
+        z_BxD = inputs.get("z_BxD")
+        z_BxD = jnp.zeros((b, self.latent_dim), jnp.float32) if z_BxD is None else jnp.asarray(z_BxD, jnp.float32)
+        logits, mask_logits = self.cnn(image, z_BxD, train, index_B=example_index(inputs.get("index_B"), b))
+        return {"logits_Bx2": logits, "mask_logits_BxHxW": mask_logits, "z_BxD": z_BxD}
 
     def _vae_label(self, inputs, train, b):
         """The label Y the VAE is conditioned on: `condition_label_B` if given,
@@ -195,10 +214,15 @@ class DLVAECNN(nn.Module):
             enc, y_Bx3 = self._marginal_encoding(image, b2, logits, train, index_B)
         outputs = self._outputs(image, enc, y_Bx3, free["z"], z_BxD, logits, mask_logits, train)
         if enc is not free:
-            # The label-free posterior feeds the CNN: its KL keeps it a proper
-            # posterior (otherwise its variance is unconstrained).
+            # The label-free posterior feeds the CNN: it is trained as a VAE
+            # posterior of its own (its KL and its reconstruction, decoded with
+            # Y = unknown), or nothing but the latent classifier would make
+            # its z carry information about the slice.
             outputs["free_latent_means"] = free["means"]
             outputs["free_latent_logvars"] = free["logvars"]
+            rec_b1, rec_b2 = self.vae.decode(free["z"], unknown_Bx3, image.shape[1:3], image.shape[-1], train)
+            outputs["free_recon_b1_logits_BxHxWxC"] = rec_b1
+            outputs["free_recon_b2_logits_BxHxWxK"] = rec_b2
         return outputs
 
     def _marginal_encoding(self, image, b2, logits_Bx2, train, index_B):

@@ -3,7 +3,7 @@
     model = get_model("unet", features=8, levels=2, dtype="bfloat16")
     variables = init_variables(model, jax.random.key(0), example_inputs(2, 32))
     outputs, variables = apply_model(model, variables, batch, train=True, key=step_key)
-    loss, logs = losses.total_loss(outputs, batch, LossConfig(), step)
+    loss, logs = losses.total_loss(outputs, batch, LossConfig.make(), step)
 """
 
 from __future__ import annotations

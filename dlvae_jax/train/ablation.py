@@ -97,27 +97,47 @@ def sequential_step(model, tx, prep, augment, lr_schedule=None, donate: bool = T
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
 
 
-def loss_variants(base: LossConfig, kl_sweep: Sequence[float] = (0.1, 0.3, 3.0, 10.0)) -> dict[str, LossConfig]:
-    """The full loss, each VAE loss of Eqs. 6-9 removed in turn, and a sweep of the KL weight."""
-    w = {"kl": base.kl, "reconstruction": base.reconstruction, "cosine": base.cosine,
-         "latent_classification": base.latent_classification}
+# The ablation's variants, as config overrides of the `loss` section.
+VARIANTS = {
+    "no KL (Eq. 6)": {"weights": {"kl": 0.0}},
+    "no reconstruction (Eq. 7)": {"weights": {"reconstruction": 0.0}},
+    "no cosine (Eq. 8)": {"weights": {"cosine": 0.0}},
+    "no latent classifier (Eq. 9)": {"weights": {"latent_classification": 0.0}},
+    "free bits 0.25": {"free_bits": 0.25},
+    "cyclical KL": {"schedules": {"kl": "cyclical:200"}},
+}
+
+
+def loss_variants(base: LossConfig, kl_sweep: Sequence[float] = (0.1, 0.3, 3.0, 10.0),
+                  variants: dict[str, dict] | None = None) -> dict[str, LossConfig]:
+    """The full loss and each variant of `variants` (default `VARIANTS`, each
+    a set of `LossConfig.set` overrides), plus a sweep of the KL weight.
+    Variants whose static fields (schedules, kinds) differ from the base are
+    left out: they cannot be stacked with it (train them apart)."""
     out = {"full": base}
-    names = {"kl": "no KL (Eq. 6)", "reconstruction": "no reconstruction (Eq. 7)", "cosine": "no cosine (Eq. 8)",
-             "latent_classification": "no latent classifier (Eq. 9)"}
-    for term in w:
-        out[names[term]] = base.replace(**{term: 0.0})
+    for name, change in (VARIANTS if variants is None else variants).items():
+        cfg = base.set(**change)
+        if _statics(cfg) == _statics(base):
+            out[name] = cfg
     for beta in sorted(set(float(b) for b in kl_sweep)):
         if beta not in (0.0, float(base.kl)):  # 0 is "no KL", base.kl is "full"
-            out[f"KL weight {beta:g}"] = base.replace(kl=beta)
+            out[f"KL weight {beta:g}"] = base.set(kl=beta)
     return out
+
+
+def _statics(cfg: LossConfig) -> tuple:
+    return cfg.schedules, cfg.reconstruction_kind, cfg.reduction
 
 
 def stack_losses(cfgs: Sequence[LossConfig]) -> LossConfig:
     """Stacks LossConfigs (weights become float32 [V]); static fields must agree."""
-    cfgs = [c.replace(**{k: float(v) for k, v in c.weights().items()},
+    statics = {_statics(c) for c in cfgs}
+    if len(statics) != 1:
+        raise ValueError(f"loss variants differ in static fields (schedules, reconstruction_kind, reduction): {statics}")
+    names = {tuple(sorted(c.term_weights)) for c in cfgs}
+    if len(names) != 1:
+        raise ValueError(f"loss variants weigh different terms: {names}")
+    cfgs = [c.replace(term_weights={k: float(v) for k, v in c.term_weights.items()},
                       free_bits=float(c.free_bits), seg_dice_weight=float(c.seg_dice_weight),
                       seg_bce_weight=float(c.seg_bce_weight), dice_smooth=float(c.dice_smooth)) for c in cfgs]
-    statics = {(c.reconstruction_kind, c.kl_warmup_steps) for c in cfgs}
-    if len(statics) != 1:
-        raise ValueError(f"loss variants differ in static fields (reconstruction_kind, kl_warmup_steps): {statics}")
     return jax.tree_util.tree_map(lambda *xs: jnp.asarray(xs, jnp.float32), *cfgs)

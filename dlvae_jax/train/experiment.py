@@ -12,6 +12,7 @@ from dlvae_jax.data.augment import AugmentConfig
 from dlvae_jax.data.source import SOURCES
 from dlvae_jax.data.splits import SPLITS_FILE, make_splits, read_splits, write_splits
 from dlvae_jax.errors import DlvaeError
+from dlvae_jax import losses
 from dlvae_jax.losses import LossConfig
 from dlvae_jax.models import get_model
 from dlvae_jax.train.optim import make_optimizer
@@ -38,8 +39,19 @@ def augment_from_config(cfg) -> AugmentConfig:
     return AugmentConfig(**cfg.augment.to_dict())
 
 
+def shorten_schedules(cfg, steps: int) -> None:
+    """Caps each term's warm-up ('linear:N') at a fifth of `steps` and each
+    cycle ('cyclical:N') at `steps`, for the short runs of the experiments."""
+    for name, spec in list(cfg.loss.schedules.items()):
+        kind, n, ratio = losses.parse_schedule(spec)
+        if kind == "linear":
+            cfg.loss.schedules[name] = f"linear:{min(n, max(1, steps // 5))}"
+        elif kind == "cyclical":
+            cfg.loss.schedules[name] = f"cyclical:{min(n, max(1, steps))}:{ratio:g}"
+
+
 def loss_from_config(cfg) -> LossConfig:
-    return LossConfig(**cfg.loss.to_dict())
+    return losses.from_config(cfg.loss.to_dict())
 
 
 def optimizer_from_config(cfg):
@@ -81,15 +93,22 @@ def check_config(cfg) -> None:
     model_from_config(cfg)  # unknown model options fail here, naming them
 
 
-def workdir_splits(workdir: Path, index: lgg.LggIndex, cfg) -> dict:
-    """The run's patient split: read from the workdir; else a `data build`
-    folder's own (train --tfds-dir, so the run reads that build as it is); else
-    made from the config's seed. Saved in the workdir."""
+def workdir_splits(workdir: Path, index: lgg.LggIndex, cfg, splits: dict | None = None) -> dict:
+    """The run's patient split: read from the workdir; else `splits` when given
+    (a cross-validation fold); else a `data build` folder's own (train
+    --tfds-dir, so the run reads that build as it is); else made from the
+    config's seed. Saved in the workdir. A workdir whose saved split is not
+    the `splits` asked for is an error (the run belongs to another fold)."""
     path = workdir / SPLITS_FILE
     if path.exists():
-        return read_splits(path)
+        saved = read_splits(path)
+        if splits is not None and {k: sorted(v) for k, v in saved.items()} != {k: sorted(v) for k, v in splits.items()}:
+            raise DlvaeError(f"{path}: holds another patient split than the one asked for; use another workdir")
+        return saved
     fractions = tuple(float(f) for f in cfg.data.fractions)
-    if cfg.data.tfds_dir:
+    if splits is not None:
+        splits = {k: sorted(v) for k, v in splits.items()}
+    elif cfg.data.tfds_dir:
         splits = read_splits(Path(cfg.data.tfds_dir).expanduser())
     else:
         splits = make_splits(index, int(cfg.data.split_seed), fractions)

@@ -210,10 +210,12 @@ def _duration(seconds: float) -> str:
 
 
 def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = False,
-          progress: bool | str | None = None) -> dict:
+          progress: bool | str | None = None, splits: dict | None = None) -> dict:
     """Trains (or resumes) the run of `cfg` in `workdir`; returns a summary dict.
 
-    progress: see `progress_mode` (default: a bar on a terminal, else lines)."""
+    progress: see `progress_mode` (default: a bar on a terminal, else lines).
+    splits: {"train", "validation", "test": [patient ids]} to use instead of
+    the config's seeded split (a cross-validation fold)."""
     ex.check_config(cfg)
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
@@ -240,7 +242,7 @@ def train(cfg, workdir: str | Path, *, parallel: str = "jit", overwrite: bool = 
     with outdir.run_folder(workdir, "train", overwrite=overwrite, inputs=inputs) as wd:
         (wd / CONFIG_FILE).write_text(configs.to_json(cfg))
         data_dir, _ = resolve_data_dir(cfg, wd)
-        ex.workdir_splits(wd, lgg.scan(data_dir), cfg)
+        ex.workdir_splits(wd, lgg.scan(data_dir), cfg, splits)
         _barrier("dlvae-jax train: workdir ready")
         return _train_in(cfg, wd, parallel, is_main, progress)
 
