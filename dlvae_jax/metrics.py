@@ -399,3 +399,68 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tu
     labels = tumor_prob >= THRESHOLD
     masks = (prob >= THRESHOLD) & labels[:, None, None]
     return masks, labels
+
+
+# ------------------------------------------------------------ what a latent carries
+
+ACTIVE_VARIANCE = 0.01  # a latent dimension is active when Var over slices of its posterior mean exceeds this
+
+
+def latent_report(means_NxD: np.ndarray, kl_NxD: np.ndarray, sizes: dict[str, int] | None = None) -> dict:
+    """Information diagnostics of a VAE posterior over N slices.
+
+    means_NxD: the posterior means; kl_NxD: KL(q(z|x) || N(0, I)) per slice
+    and dimension, in nats. A dimension is active when the variance over the
+    slices of its posterior mean exceeds `ACTIVE_VARIANCE` (Burda et al.,
+    2016, "Importance weighted autoencoders", Section 5.2). The mean KL is an
+    upper bound on the mutual information between the slices and z (in
+    nats). sizes: {latent name: its number of dimensions}, in order, to split
+    the figures by latent.
+    """
+    means, kl = np.asarray(means_NxD, np.float64), np.asarray(kl_NxD, np.float64)
+    var_D = means.var(axis=0)
+    kl_D = kl.mean(axis=0)
+    out = {
+        "n_slices": int(len(means)),
+        "kl_nats": float(kl_D.sum()),
+        "active_units": int((var_D > ACTIVE_VARIANCE).sum()),
+        "n_dims": int(means.shape[1]),
+        "kl_per_dim": [float(v) for v in kl_D],
+        "mean_variance_per_dim": [float(v) for v in var_D],
+    }
+    if sizes:
+        start, per = 0, {}
+        for name, n in sizes.items():
+            per[name] = {"kl_nats": float(kl_D[start:start + n].sum()),
+                         "active_units": int((var_D[start:start + n] > ACTIVE_VARIANCE).sum()), "n_dims": int(n)}
+            start += n
+        out["per_latent"] = per
+    return out
+
+
+def probe_counts(masks_BxHxW: np.ndarray, truth_BxHxW: np.ndarray, labels_B: np.ndarray) -> dict[str, np.ndarray]:
+    """What `probe_report` needs per slice: confusion counts and the slice labels."""
+    c = slice_counts(masks_BxHxW, truth_BxHxW)
+    return {**c, "pred_label": np.asarray(labels_B, bool), "true_label": (c["tp"] + c["fn"]) > 0}
+
+
+def _volume_dice_and_accuracy(part: dict[str, np.ndarray], patient_ids: Sequence[str]) -> tuple[float, float]:
+    names, idx = _group(patient_ids)
+    sums = {k: np.bincount(idx, weights=part[k], minlength=len(names)) for k in ("tp", "fp", "tn", "fn")}
+    dice_v = [dice_from_counts({k: sums[k][i] for k in sums}) for i in range(len(names))]
+    return float(np.mean(dice_v)), float(np.mean(part["pred_label"] == part["true_label"]))
+
+
+def probe_report(base: dict[str, np.ndarray], probes: dict[str, dict[str, np.ndarray]],
+                 patient_ids: Sequence[str]) -> dict:
+    """The latent probe: Dice per volume (mean over patients) and slice
+    accuracy with the CNN's z as encoded and with each probe's z, and the
+    drops (as encoded minus probe). All arguments come from `probe_counts`
+    over the same slices."""
+    dice0, acc0 = _volume_dice_and_accuracy(base, patient_ids)
+    out = {"n_slices": int(len(base["tp"])), "n_patients": len(set(map(str, patient_ids))),
+           "dice_volume_mean": dice0, "slice_accuracy": acc0}
+    for name, part in probes.items():
+        d, a = _volume_dice_and_accuracy(part, patient_ids)
+        out[name] = {"dice_volume_mean": d, "slice_accuracy": a, "dice_drop": dice0 - d, "accuracy_drop": acc0 - a}
+    return out

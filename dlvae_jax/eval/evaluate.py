@@ -50,6 +50,7 @@ from dlvae_jax.eval import inference
 from dlvae_jax.io import atomic_path, write_json, write_text
 from dlvae_jax.metrics import THRESHOLD, decide
 from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
+from dlvae_jax.train.step import PROBES
 
 SPLIT_CHOICES = ("train", "val", "validation", "test", "all")
 _SPLIT_ALIASES = {"val": "validation"}
@@ -222,6 +223,19 @@ def format_table(report: dict) -> str:
         f"{'HD95 (pixels)':<28}mean {_num(report['hd95_mean'], 2)}   median {_num(report['hd95_median'], 2)}"
         f"   ({report['hd95_n']} slices; {report['hd95_skipped']} with one mask empty skipped)",
     ]
+    if "latent" in report:
+        lat, probe = report["latent"], report["probe"]
+        lines += [
+            "",
+            f"{'VAE latent (label-free)':<28}KL {lat['kl_nats']:.2f} nats, {lat['active_units']} of {lat['n_dims']} "
+            f"dimensions active (variance of the posterior mean > {metrics.ACTIVE_VARIANCE:g})",
+            f"{'latent probe':<28}Dice per volume / slice accuracy with z replaced (drop from "
+            f"{probe['dice_volume_mean']:.4f} / {probe['slice_accuracy']:.4f}):",
+        ]
+        for name in PROBES:
+            p = probe[name]
+            lines.append(f"{'':<28}{name:<8} {p['dice_volume_mean']:.4f} ({p['dice_drop']:+.4f})   "
+                         f"{p['slice_accuracy']:.4f} ({p['accuracy_drop']:+.4f})")
     return "\n".join(lines)
 
 
@@ -272,14 +286,29 @@ def evaluate(
     chosen = figures.overlay_choice([r.has_tumor for r in records], n_overlays)
     kept: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, float]] = []
     acc = metrics.SegmentationAccumulator()
+    diagnose = getattr(predictor, "latent_sizes", None) is not None
+    latent: dict[str, list[np.ndarray]] = {"mean": [], "kl": []}
+    probe_parts: dict[str, list[dict]] = {name: [] for name in PROBES}
+    base_parts: list[dict] = []
+    patients: list[str] = []
     bar = tqdm(total=len(records), desc=f"evaluate {split}", unit="slice", disable=not progress, file=sys.stderr)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         images, truth = lgg.load_arrays(batch, channels)
         flair = images[..., lgg.FLAIR_CHANNEL] if channels == "all" else images
-        masks, labels = decide(predictor(images), len(batch), flair.shape[1:])
+        out = predictor.diagnose(images) if diagnose else predictor(images)
+        masks, labels = decide(out, len(batch), flair.shape[1:])
         truth = truth.astype(bool)
         part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
+        if diagnose:
+            latent["mean"].append(out["latent_mean_BxD"])
+            latent["kl"].append(out["latent_kl_BxD"])
+            base_parts.append(metrics.probe_counts(masks, truth, labels))
+            patients.extend(r.patient for r in batch)
+            for name in PROBES:
+                m, lab = decide({"prob_BxHxW": out[f"probe_{name}_prob_BxHxW"],
+                                 "tumor_prob_B": out[f"probe_{name}_tumor_prob_B"]}, len(batch), flair.shape[1:])
+                probe_parts[name].append(metrics.probe_counts(m, truth, lab))
         for j in range(len(batch)):
             if start + j in chosen:
                 kept.append((batch[j], flair[j], truth[j], masks[j], float(part["dice"][j])))
@@ -287,6 +316,11 @@ def evaluate(
     bar.close()
 
     report = acc.report()
+    if diagnose:
+        cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        report["latent"] = metrics.latent_report(np.concatenate(latent["mean"]), np.concatenate(latent["kl"]),
+                                                 predictor.latent_sizes)
+        report["probe"] = metrics.probe_report(cat(base_parts), {n: cat(p) for n, p in probe_parts.items()}, patients)
     report.update({
         "data_dir": str(index.root),
         "split": split,

@@ -56,9 +56,14 @@ class Predictor:
         self.channels = 3 if cfg.data.channels == "all" else 1
         self.segments = MODELS[cfg.model.name].outputs_mask
         self._eval_key = jax.random.key_data(jax.random.key(EVAL_SEED))
-        self._predict = jax.jit(functools.partial(eval_outputs, model=self.model, prep=self.prep,
-                                                  eval_key=self._eval_key),
-                                in_shardings=(replicated(self.mesh), self._rows), out_shardings=self._rows)
+        self.latent_sizes = ex.latent_sizes(cfg)  # None: the model has no VAE latent
+        self._predict = self._compile(diagnostics=False)
+        self._diagnose = None
+
+    def _compile(self, diagnostics: bool):
+        return jax.jit(functools.partial(eval_outputs, model=self.model, prep=self.prep, eval_key=self._eval_key,
+                                         diagnostics=diagnostics),
+                       in_shardings=(replicated(self.mesh), self._rows), out_shardings=self._rows)
 
     def _batch(self, images: np.ndarray) -> dict:
         images = np.asarray(images)
@@ -82,10 +87,23 @@ class Predictor:
         out = self._predict(self.variables, self._batch(flair_BxHxW))
         return {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
 
+    def diagnose(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+        """What `__call__` gives plus, for a model with a VAE latent, the
+        label-free posterior's `latent_mean_BxD`, `latent_kl_BxD` and the
+        latent probe's `probe_<name>_prob_BxHxW` / `_tumor_prob_B`
+        (`dlvae_jax.train.step.eval_outputs`)."""
+        if self.latent_sizes is None:
+            return self(flair_BxHxW)
+        if self._diagnose is None:
+            self._diagnose = self._compile(diagnostics=True)
+        b = len(flair_BxHxW)
+        out = self._diagnose(self.variables, self._batch(flair_BxHxW))
+        return {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
+
     @property
     def can_sample(self) -> bool:
-        """Whether the model has a latent to sample (DL-VAE-CNN); the others are deterministic."""
-        return self.config.model.name == "dlvae_cnn"
+        """Whether the model has a latent to sample (DL-VAE-CNN with its VAE); the others are deterministic."""
+        return self.latent_sizes is not None
 
     def sample_mean(self, flair_BxHxW: np.ndarray, n: int, seed: int, chunk: int = 8) -> np.ndarray:
         """The mean over n predictions with the latent z drawn from the label-free

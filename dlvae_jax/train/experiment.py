@@ -50,6 +50,17 @@ def shorten_schedules(cfg, steps: int) -> None:
             cfg.loss.schedules[name] = f"cyclical:{min(n, max(1, steps))}:{ratio:g}"
 
 
+def latent_sizes(cfg) -> dict[str, int] | None:
+    """{pp, pv, qq, qv: dimensions} of a model whose CNN reads a VAE latent
+    (dlvae_cnn with its VAE), else None."""
+    if cfg.model.name != "dlvae_cnn" or not cfg.model.get("use_vae", True):
+        return None
+    defaults = configs.model_fields("dlvae_cnn")
+    specific = int(cfg.model.get("specific_dim", defaults["specific_dim"]))
+    shared = int(cfg.model.get("shared_dim", defaults["shared_dim"]))
+    return {"pp": specific, "pv": shared, "qq": specific, "qv": shared}
+
+
 def loss_from_config(cfg) -> LossConfig:
     return losses.from_config(cfg.loss.to_dict())
 

@@ -54,7 +54,7 @@ from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED, LOG_FILE, SUMMARY
 from dlvae_jax.train.checkpoint import Checkpoints, abstract, best_metric
 from dlvae_jax.train.runners import make_runner
 from dlvae_jax.train.state import abstract_state, create_state
-from dlvae_jax.train.step import eval_outputs, train_step
+from dlvae_jax.train.step import PROBES, eval_outputs, train_step
 
 # Fields that may change when a run is resumed (logging and evaluation cadence).
 # train.steps is not among them: it sets the learning-rate schedule's length.
@@ -159,32 +159,56 @@ def evaluate_split(runner, variables, loader, cfg) -> dict:
     rows = []
     for host in host_iterator(ds, num_threads=1):
         out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
-        masks, labels = metrics.decide(out, len(host["index_B"]), host["mask_BxHxW"].shape[1:])
+        n, shape = len(host["index_B"]), host["mask_BxHxW"].shape[1:]
+        masks, labels = metrics.decide(out, n, shape)
         truth = host["mask_BxHxW"] > 0
-        rows.append(dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
-                         index=host["index_B"].astype(np.int64)))
+        row = dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
+                   index=host["index_B"].astype(np.int64))
+        if "latent_mean_BxD" in out:  # the VAE's diagnostics (`eval_outputs(diagnostics=True)`)
+            row["latent_mean"], row["latent_kl"] = out["latent_mean_BxD"], out["latent_kl_BxD"]
+            for name in PROBES:
+                probe = {"prob_BxHxW": out[f"probe_{name}_prob_BxHxW"],
+                         "tumor_prob_B": out[f"probe_{name}_tumor_prob_B"]}
+                m, lab = metrics.decide(probe, n, shape)
+                row.update({f"probe_{name}_{k}": v for k, v in metrics.probe_counts(m, truth, lab).items()})
+        rows.append(row)
     local = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         local = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in local.items()}
-    return _report_from_rows(local, loader.records)
+    return _report_from_rows(local, loader.records, ex.latent_sizes(cfg))
 
 
-def _report_from_rows(rows: dict[str, np.ndarray], records) -> dict:
+def _report_from_rows(rows: dict[str, np.ndarray], records, latent_sizes: dict | None = None) -> dict:
     index = rows["index"]
     order = np.argsort(np.where(index >= 0, index, np.iinfo(np.int64).max), kind="stable")
     order = order[index[order] >= 0]
     acc = metrics.SegmentationAccumulator()
-    part = {k: v[order] for k, v in rows.items() if k != "index"}
-    acc.add_stats(part, [records[i].patient for i in index[order]])
-    return acc.report()
+    extra = [k for k in rows if k.startswith(("latent_", "probe_"))]
+    part = {k: v[order] for k, v in rows.items() if k != "index" and k not in extra}
+    patients = [records[i].patient for i in index[order]]
+    acc.add_stats(part, patients)
+    report = acc.report()
+    if "latent_mean" in rows:
+        report["latent"] = metrics.latent_report(rows["latent_mean"][order], rows["latent_kl"][order], latent_sizes)
+        probes = {name: {k[len(f"probe_{name}_"):]: rows[k][order] for k in extra if k.startswith(f"probe_{name}_")}
+                  for name in PROBES}
+        report["probe"] = metrics.probe_report(part, probes, patients)
+    return report
 
 
 def summary_metrics(report: dict) -> dict:
     keys = ("slice_accuracy", "slice_precision", "slice_recall", "slice_f1", "pixel_f1", "dice_volume_mean",
             "dice_volume_median", "dice_tumor_slices_mean", "iou_mean", "hd95_mean")
-    return {k: float(report[k]) for k in keys if k in report}
+    out = {k: float(report[k]) for k in keys if k in report}
+    if "latent" in report:
+        out["latent_kl_nats"] = float(report["latent"]["kl_nats"])
+        out["latent_active_units"] = float(report["latent"]["active_units"])
+        for name in PROBES:
+            out[f"probe_{name}_dice_drop"] = float(report["probe"][name]["dice_drop"])
+            out[f"probe_{name}_accuracy_drop"] = float(report["probe"][name]["accuracy_drop"])
+    return out
 
 
 PROGRESS_CHOICES = ("bar", "lines", "none")
@@ -311,7 +335,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: str) -> dic
     step_fn = functools.partial(train_step, model=axis_model, tx=tx, loss_cfg=loss_cfg, prep=prep,
                                 augment=augment, lr_schedule=schedule)
     eval_fn = functools.partial(eval_outputs, model=model, prep=prep,
-                                eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)))
+                                eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)),
+                                diagnostics=ex.latent_sizes(cfg) is not None)
     runner = make_runner(parallel, step_fn, eval_fn)
 
     init = example_inputs(2, int(cfg.data.image_size), 3 if channels == "all" else 1)

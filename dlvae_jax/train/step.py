@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from dlvae_jax.data.augment import AugmentConfig, augment_example
-from dlvae_jax.losses import LossConfig, total_loss
+from dlvae_jax.losses import LossConfig, kl_per_dim, total_loss
 from dlvae_jax.models import apply_model
 from dlvae_jax.ops import equalize_hist
 from dlvae_jax.ops.classical import model_views
@@ -130,13 +130,34 @@ def train_step(state, batch: dict[str, jax.Array], *, model: nn.Module, tx: opta
     return new_state, metrics
 
 
+PROBES = ("zeros", "shuffle", "prior")
+
+
+def _probabilities(outputs, b: int, h: int, w: int) -> tuple[jax.Array, jax.Array]:
+    if outputs.get("mask_logits_BxHxW") is not None:
+        prob = jax.nn.sigmoid(outputs["mask_logits_BxHxW"].astype(jnp.float32))
+        if prob.shape[1:] != (h, w):
+            prob = jax.image.resize(prob, (b, h, w), "linear")
+    else:
+        prob = jnp.zeros((b, h, w), jnp.float32)
+    return prob, jax.nn.softmax(outputs["logits_Bx2"].astype(jnp.float32))[:, 1]
+
+
 def eval_outputs(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module, prep: PrepConfig,
-                 eval_key: jax.Array, axis_name: str | None = None) -> dict[str, jax.Array]:
+                 eval_key: jax.Array, axis_name: str | None = None, diagnostics: bool = False) -> dict[str, jax.Array]:
     """Deterministic inference on a raw batch: `prob_BxHxW` float32 tumor
     probability per pixel, resized back to the batch's H x W (zeros for models
     without a mask head), and `tumor_prob_B` float32 (the class head's
     softmax). Every slice's K-means restarts use `eval_key` itself, so a
-    slice's prediction depends on neither its batch nor its position."""
+    slice's prediction depends on neither its batch nor its position.
+
+    diagnostics (models with a VAE latent): also the label-free posterior's
+    `latent_mean_BxD` and per-dimension KL `latent_kl_BxD` (nats), and the
+    latent probe: `probe_<name>_prob_BxHxW` / `probe_<name>_tumor_prob_B`
+    with the CNN's z replaced by zeros, by the z of another slice of the
+    batch (rolled by one row), or by a draw of the prior N(0, I) (keyed by
+    `eval_key` and the row). A latent the CNN does not use changes nothing.
+    """
     del axis_name  # inference needs no cross-device reduction
     key = jax.random.wrap_key_data(eval_key) if not jax.dtypes.issubdtype(eval_key.dtype, jax.dtypes.prng_key) \
         else eval_key
@@ -146,10 +167,19 @@ def eval_outputs(variables: dict[str, Any], batch: dict[str, jax.Array], *, mode
     inputs = {k: v for k, v in inputs.items() if k not in ("label_B", "mask_BxHxW")}  # never seen at inference
     outputs, _ = apply_model(model, variables, inputs, train=False)
     h, w = batch["image_BxHxWxC"].shape[1:3]
-    if outputs.get("mask_logits_BxHxW") is not None:
-        prob = jax.nn.sigmoid(outputs["mask_logits_BxHxW"].astype(jnp.float32))
-        if prob.shape[1:] != (h, w):
-            prob = jax.image.resize(prob, (b, h, w), "linear")
-    else:
-        prob = jnp.zeros((b, h, w), jnp.float32)
-    return {"prob_BxHxW": prob, "tumor_prob_B": jax.nn.softmax(outputs["logits_Bx2"].astype(jnp.float32))[:, 1]}
+    prob, tumor_prob = _probabilities(outputs, b, h, w)
+    result = {"prob_BxHxW": prob, "tumor_prob_B": tumor_prob}
+    if diagnostics and "latent_means" in outputs:
+        means = outputs.get("free_latent_means", outputs["latent_means"])
+        logvars = outputs.get("free_latent_logvars", outputs["latent_logvars"])
+        result["latent_mean_BxD"] = jnp.concatenate([means[n] for n in means], axis=-1).astype(jnp.float32)
+        result["latent_kl_BxD"] = jnp.concatenate([kl_per_dim(means[n], logvars[n]) for n in means], axis=-1)
+        z_BxD = outputs["z_BxD"]
+        rows_B = jnp.arange(b)
+        prior = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 0x5EED), r),
+                                                     z_BxD.shape[1:]))(rows_B)
+        probes = {"zeros": jnp.zeros_like(z_BxD), "shuffle": jnp.roll(z_BxD, 1, axis=0), "prior": prior}
+        for name in PROBES:
+            probed, _ = apply_model(model, variables, dict(inputs, z_BxD=probes[name]), train=False)
+            result[f"probe_{name}_prob_BxHxW"], result[f"probe_{name}_tumor_prob_B"] = _probabilities(probed, b, h, w)
+    return result
