@@ -14,7 +14,22 @@ empty ground truth, medpy raises):
   (``hd95_skipped``), and empty/empty slices are left out too (``hd95_n``
   counts the slices averaged), since their 0.0 would only measure how many
   healthy slices the data holds. A missed or hallucinated tumor therefore
-  shows in Dice and recall, not in HD95.
+  shows in Dice and recall, not in that HD95.
+* So that HD95 also compares models that miss or invent tumors, it is
+  reported a second way beside it: ``hd95_penalized_mean`` over every slice
+  with at least one non-empty mask, a slice with exactly one empty mask
+  scoring the image diagonal (the largest distance possible in the slice),
+  with its counts (``hd95_penalized_n``, ``hd95_one_empty_n``).
+* Per volume (``SegmentationAccumulator(volumes=True)``, as `dlvae-jax
+  evaluate` does): HD95 of each patient's slices stacked into a 3D volume
+  (the slice gap counted as one pixel, the kaggle_3m files carry no spacing),
+  ``hd95_volume_mean`` over patients with both volumes non-empty and
+  ``hd95_volume_penalized_mean`` with the volume's diagonal for a patient
+  where exactly one is empty.
+* nnU-Net's convention (Isensee et al., 2021: a case whose reference and
+  prediction are both empty has no Dice and is left out of the mean) is
+  available as ``empty="exclude"``; the default ``empty="one"`` scores it 1.
+  The report names the convention used (``empty_convention``).
 
 HD95 follows ``medpy.metric.binary.hd95`` exactly: the surface of a mask is
 the mask XOR its binary erosion with the connectivity-1 structure (pixels on
@@ -36,6 +51,8 @@ import numpy as np
 from scipy import ndimage
 
 from dlvae_jax.errors import DlvaeError
+
+EMPTY_CONVENTIONS = ("one", "exclude")
 
 # Slices processed at a time: bounds the boolean temporaries to a few tens of MB
 # at 256 x 256 whatever N is.
@@ -101,6 +118,13 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
 def _surface(mask: np.ndarray) -> np.ndarray:
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask ^ ndimage.binary_erosion(mask, structure=structure, iterations=1)
+
+
+def diagonal(shape: Sequence[int], spacing: float | Sequence[float] = 1.0) -> float:
+    """The diagonal of an array of `shape` with pixel size `spacing`: the HD95
+    given to a slice (or volume) where exactly one mask is empty."""
+    sizes = np.asarray(shape, np.float64) * np.broadcast_to(np.asarray(spacing, np.float64), (len(shape),))
+    return float(np.sqrt(np.sum(sizes**2)))
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: float | Sequence[float] = 1.0) -> float:
@@ -208,10 +232,12 @@ def slice_stats(
     hd = np.where((n_pred == 0) & (n_truth == 0), 0.0, np.nan)
     for i in np.flatnonzero((n_pred > 0) & (n_truth > 0)):
         hd[i] = hd95(pred_BxHxW[i], truth_BxHxW[i], spacing)
+    one_empty = (n_pred == 0) != (n_truth == 0)
     part = {
         **c,
         "dice": np.where(den == 0, 1.0, 2 * c["tp"] / np.maximum(den, 1)),
         "hd95": hd,
+        "hd95_penalized": np.where(one_empty, diagonal(pred_BxHxW.shape[1:], spacing), hd),
         "pred_label": n_pred > 0 if pred_labels_B is None else np.asarray(pred_labels_B, bool).reshape(-1),
         "true_label": n_truth > 0 if true_labels_B is None else np.asarray(true_labels_B, bool).reshape(-1),
     }
@@ -227,10 +253,18 @@ class SegmentationAccumulator:
     holding its masks.
     """
 
-    def __init__(self, spacing: float | Sequence[float] = 1.0):
+    def __init__(self, spacing: float | Sequence[float] = 1.0, *, volumes: bool = False, empty: str = "one"):
+        """volumes: also keep each patient's masks (bit-packed, 16 KB per
+        256 x 256 slice pair) for the per-volume 3D HD95. empty: "one" or
+        "exclude" (nnU-Net's), how an empty/empty case enters Dice and IoU means."""
+        if empty not in EMPTY_CONVENTIONS:
+            raise ValueError(f"empty must be one of {EMPTY_CONVENTIONS}, got {empty!r}")
         self.spacing = spacing
+        self.empty = empty
         self._parts: list[dict[str, np.ndarray]] = []
         self._patients: list[str] = []
+        self._volumes: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = {} if volumes else None
+        self._slice_shape: tuple[int, int] | None = None
 
     def add(
         self,
@@ -249,7 +283,24 @@ class SegmentationAccumulator:
             raise ValueError(f"{len(patient_ids_B)} patient ids for {len(pred_BxHxW)} slices")
         part = slice_stats(pred_BxHxW, truth_BxHxW, pred_labels_B, true_labels_B, self.spacing)
         self.add_stats(part, patient_ids_B)
+        if self._volumes is not None:
+            self._slice_shape = tuple(pred_BxHxW.shape[1:])
+            for p, pred, truth in zip(patient_ids_B, pred_BxHxW, truth_BxHxW):
+                self._volumes.setdefault(str(p), []).append((np.packbits(pred != 0), np.packbits(truth != 0)))
         return part
+
+    def _volume_hd95(self, patient: str) -> tuple[float, float]:
+        """(3D HD95, the same with the volume diagonal when exactly one volume is empty)."""
+        h, w = self._slice_shape
+        n = h * w
+        pairs = self._volumes[patient]
+        pred = np.stack([np.unpackbits(p, count=n).reshape(h, w) for p, _ in pairs]).astype(bool)
+        truth = np.stack([np.unpackbits(t, count=n).reshape(h, w) for _, t in pairs]).astype(bool)
+        spacing = (1.0, *np.broadcast_to(np.asarray(self.spacing, np.float64), (2,)))
+        value = hd95(pred, truth, spacing)
+        if pred.any() != truth.any():
+            return value, diagonal(pred.shape, spacing)
+        return value, value
 
     def add_stats(self, part: dict[str, np.ndarray], patient_ids_B: Sequence[str]) -> None:
         """Adds per-slice stats made by `slice_stats` (e.g. on other processes and gathered)."""
@@ -276,12 +327,18 @@ class SegmentationAccumulator:
         dice_v, iou_v = np.empty(n_p), np.empty(n_p)
         hd = s["hd95"]
         measured = ~np.isnan(hd) & (s["tp"] + s["fp"] > 0)  # both masks non-empty
+        hd_pen = s["hd95_penalized"] if "hd95_penalized" in s else np.where(measured, hd, np.nan)
+        penalized = ~np.isnan(hd_pen) & (s["tp"] + s["fp"] + s["fn"] > 0)  # at least one mask non-empty
+        hd_vol = np.full(n_p, np.nan)
+        hd_vol_pen = np.full(n_p, np.nan)
         for i, p in enumerate(names):
             c = {k: vol[k][i] for k in vol}
             dice_v[i], iou_v[i] = dice_from_counts(c), iou_from_counts(c)
+            if self.empty == "exclude" and c["tp"] + c["fp"] + c["fn"] == 0:
+                dice_v[i] = iou_v[i] = np.nan  # nnU-Net: no Dice for an empty/empty case
             mine = idx == i
             hd_p = hd[mine & measured]
-            per_patient.append({
+            row = {
                 "patient": p,
                 "n_slices": int(mine.sum()),
                 "n_tumor_slices": int(s["true_label"][mine].sum()),
@@ -290,8 +347,26 @@ class SegmentationAccumulator:
                 "iou": float(iou_v[i]),
                 "hd95": float(hd_p.mean()) if hd_p.size else float("nan"),
                 "hd95_n": int(hd_p.size),
-            })
+                "hd95_penalized": _nanmean(hd_pen[mine & penalized]),
+            }
+            if self._volumes is not None and p in self._volumes:
+                hd_vol[i], hd_vol_pen[i] = self._volume_hd95(p)
+                row["hd95_volume"] = float(hd_vol[i])
+            per_patient.append(row)
         tumor = s["tp"] + s["fn"] > 0
+        slice_dice = s["dice"]
+        if self.empty == "exclude":
+            slice_dice = np.where(s["tp"] + s["fp"] + s["fn"] == 0, np.nan, slice_dice)
+        scored = ~np.isnan(dice_v)
+        volume = {}
+        if self._volumes is not None:
+            both = ~np.isnan(hd_vol) & np.array([(vol["tp"][i] + vol["fp"][i] > 0) for i in range(n_p)])
+            volume = {
+                "hd95_volume_mean": _nanmean(hd_vol[both]),
+                "hd95_volume_n": int(both.sum()),
+                "hd95_volume_penalized_mean": _nanmean(hd_vol_pen),
+                "hd95_volume_penalized_n": int((~np.isnan(hd_vol_pen)).sum()),
+            }
         return {
             "n_slices": int(len(hd)),
             "n_patients": n_p,
@@ -306,15 +381,22 @@ class SegmentationAccumulator:
             "pixel_recall": pixel_m["recall"],
             "pixel_f1": pixel_m["f1"],
             "pixel_counts": pixel_c,
-            "dice_volume_mean": float(dice_v.mean()),
-            "dice_volume_median": float(np.median(dice_v)),
+            "empty_convention": self.empty,
+            "dice_volume_mean": _nanmean(dice_v),
+            "dice_volume_median": float(np.median(dice_v[scored])) if scored.any() else float("nan"),
+            "dice_volume_n": int(scored.sum()),
             "dice_tumor_slices_mean": float(s["dice"][tumor].mean()) if tumor.any() else float("nan"),
-            "dice_slice_mean": float(s["dice"].mean()),
-            "iou_mean": float(iou_v.mean()),
+            "dice_slice_mean": _nanmean(slice_dice),
+            "dice_slice_n": int((~np.isnan(slice_dice)).sum()),
+            "iou_mean": _nanmean(iou_v),
             "hd95_mean": _nanmean(hd[measured]),
             "hd95_median": float(np.median(hd[measured])) if measured.any() else float("nan"),
             "hd95_n": int(measured.sum()),
             "hd95_skipped": int(np.isnan(hd).sum()),
+            "hd95_penalized_mean": _nanmean(hd_pen[penalized]),
+            "hd95_penalized_n": int(penalized.sum()),
+            "hd95_one_empty_n": int(np.isnan(hd).sum()),
+            **volume,
             "per_patient": per_patient,
         }
 

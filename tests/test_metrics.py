@@ -264,3 +264,62 @@ def test_accumulator_batches_equal_one_call():
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
     with pytest.raises(ValueError):
         SegmentationAccumulator().report()
+
+
+def test_penalized_hd95_and_volume_hd95_by_hand_and_against_medpy():
+    """One-empty slices score the image diagonal in the penalized mean; the
+    per-volume HD95 equals medpy's on the stacked volume (slice gap 1)."""
+    rng = np.random.default_rng(8)
+    shape = (6, 12, 10)
+    truth, pred = _blob_masks(rng, *shape, 0.0), _blob_masks(rng, *shape, 0.0)
+    truth[0] = pred[0] = False          # empty / empty: in neither mean
+    truth[1], pred[1] = True, False     # truth only: penalized
+    truth[2] = False
+    pred[2, 0, 0] = True                # prediction only: penalized
+    ids = ["A"] * 3 + ["B"] * 3
+    acc = SegmentationAccumulator(volumes=True)
+    acc.add(pred[:4], truth[:4], ids[:4])
+    acc.add(pred[4:], truth[4:], ids[4:])
+    r = acc.report()
+    diag = math.hypot(12, 10)
+    both = [i for i in range(6) if pred[i].any() and truth[i].any()]
+    one = [i for i in range(6) if pred[i].any() != truth[i].any()]
+    assert {1, 2} <= set(one) and 0 not in one + both
+    per_slice = {i: medpy_binary.hd95(pred[i], truth[i]) for i in both}
+    assert r["hd95_n"] == len(both) and r["hd95_one_empty_n"] == len(one)
+    assert r["hd95_mean"] == pytest.approx(np.mean(list(per_slice.values())))
+    assert r["hd95_penalized_n"] == len(both) + len(one)
+    assert r["hd95_penalized_mean"] == pytest.approx((sum(per_slice.values()) + len(one) * diag)
+                                                     / (len(both) + len(one)))
+    for k, p in enumerate("AB"):
+        ref = medpy_binary.hd95(pred[3 * k:3 * k + 3], truth[3 * k:3 * k + 3])
+        assert r["per_patient"][k]["hd95_volume"] == pytest.approx(ref)
+    assert r["hd95_volume_n"] == 2 and r["hd95_volume_mean"] == pytest.approx(
+        np.mean([row["hd95_volume"] for row in r["per_patient"]]))
+    # A patient with a tumor and an empty prediction: the volume's diagonal.
+    acc = SegmentationAccumulator(volumes=True)
+    acc.add(np.zeros((2, 4, 3), bool), np.ones((2, 4, 3), bool), ["C", "C"])
+    r = acc.report()
+    assert r["hd95_volume_n"] == 0 and r["hd95_volume_penalized_mean"] == pytest.approx(math.sqrt(4 + 16 + 9))
+
+
+def test_nnunet_empty_convention_leaves_empty_cases_out():
+    empty = np.zeros((4, 6, 6), bool)
+    truth = empty.copy()
+    truth[2:, 1:4, 1:4] = True           # patient B has tumor, A has none
+    pred = truth.copy()
+    pred[3] = False                      # B: half found -> Dice 2*9/(9+18) = 2/3
+    ids = ["A", "A", "B", "B"]
+    one = segmentation_report(pred, truth, ids)
+    assert one["empty_convention"] == "one" and one["dice_volume_n"] == 2
+    assert one["dice_volume_mean"] == pytest.approx((1.0 + 2 / 3) / 2)
+    acc = SegmentationAccumulator(empty="exclude")
+    acc.add(pred, truth, ids)
+    ex = acc.report()
+    assert ex["empty_convention"] == "exclude" and ex["dice_volume_n"] == 1
+    assert ex["dice_volume_mean"] == pytest.approx(2 / 3) and ex["iou_mean"] == pytest.approx(9 / 18)
+    assert math.isnan(ex["per_patient"][0]["dice"])
+    # Per slice: A's two empty/empty slices and none of B's are left out.
+    assert ex["dice_slice_n"] == 2 and ex["dice_slice_mean"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="empty"):
+        SegmentationAccumulator(empty="zero")

@@ -26,6 +26,7 @@ def _cmd_evaluate(args) -> int:
         batch_size=args.batch_size,
         n_overlays=args.overlays,
         progress=_progress(args),
+        empty=args.empty,
     )
     split = report["split"]
     print(evaluate.format_table(report))
@@ -75,6 +76,9 @@ def register(subparsers) -> None:
                    help="slices per predictor call (default: the config's eval.batch_size)")
     p.add_argument("--overlays", type=int, default=None,
                    help="overlay PNGs to write (default: the config's eval.overlays)")
+    p.add_argument("--empty", choices=("one", "exclude"), default="one",
+                   help="how a patient (or slice) with no tumor in truth or prediction enters the Dice and IoU "
+                        "means: one scores it 1 (default); exclude leaves it out, as nnU-Net does")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -66,7 +66,8 @@ PAPER_PERCENT = {
     "f1": {"DL-VAE-CNN": 99.99, "CNN": 93.0, "VGG16-CNN": 67.08, "DCNN": 98.53},
 }
 
-PER_PATIENT_COLUMNS = ("patient", "n_slices", "n_tumor_slices", "n_pred_tumor_slices", "dice", "iou", "hd95", "hd95_n")
+PER_PATIENT_COLUMNS = ("patient", "n_slices", "n_tumor_slices", "n_pred_tumor_slices", "dice", "iou", "hd95", "hd95_n",
+                       "hd95_penalized", "hd95_volume")
 
 
 
@@ -182,8 +183,8 @@ def per_patient_csv(rows: list[dict]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(PER_PATIENT_COLUMNS)
     for r in rows:
-        writer.writerow(["" if r[c] is None or (isinstance(r[c], float) and math.isnan(r[c])) else r[c]
-                         for c in PER_PATIENT_COLUMNS])
+        cells = [r.get(c) for c in PER_PATIENT_COLUMNS]
+        writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in cells])
     return buf.getvalue()
 
 
@@ -217,12 +218,22 @@ def format_table(report: dict) -> str:
         "The paper states no Dice, IoU or HD95, nor whether its figures are per slice or per pixel;",
         "its DL-VAE-CNN F1 (99.99) exceeds the 99.44 that its own precision and recall give.",
         "",
-        f"{'Dice per volume':<28}mean {_num(report['dice_volume_mean'])}   median {_num(report['dice_volume_median'])}",
-        f"{'Dice, tumor slices':<28}mean {_num(report['dice_tumor_slices_mean'])}",
-        f"{'IoU per volume':<28}mean {_num(report['iou_mean'])}",
+        f"{'Dice per volume':<28}mean {_num(report['dice_volume_mean'])}   median {_num(report['dice_volume_median'])}"
+        f"   (n = {report.get('dice_volume_n', report['n_patients'])} patients"
+        f"{'; empty/empty left out' if report.get('empty_convention') == 'exclude' else ''})",
+        f"{'Dice, tumor slices':<28}mean {_num(report['dice_tumor_slices_mean'])}   (n = {report['n_tumor_slices']} slices)",
+        f"{'IoU per volume':<28}mean {_num(report['iou_mean'])}   (n = {report.get('dice_volume_n', report['n_patients'])})",
         f"{'HD95 (pixels)':<28}mean {_num(report['hd95_mean'], 2)}   median {_num(report['hd95_median'], 2)}"
-        f"   ({report['hd95_n']} slices; {report['hd95_skipped']} with one mask empty skipped)",
+        f"   (n = {report['hd95_n']} slices with both masks non-empty)",
     ]
+    if "hd95_penalized_mean" in report:
+        lines.append(f"{'HD95, one-empty penalized':<28}mean {_num(report['hd95_penalized_mean'], 2)}   "
+                     f"(n = {report['hd95_penalized_n']} slices; {report['hd95_one_empty_n']} with one mask empty "
+                     "scored the image diagonal)")
+    if "hd95_volume_mean" in report:
+        lines.append(f"{'HD95 per volume (3D)':<28}mean {_num(report['hd95_volume_mean'], 2)}   "
+                     f"(n = {report['hd95_volume_n']} patients); one-empty penalized "
+                     f"{_num(report['hd95_volume_penalized_mean'], 2)} (n = {report['hd95_volume_penalized_n']})")
     if "latent" in report:
         lat, probe = report["latent"], report["probe"]
         lines += [
@@ -248,6 +259,7 @@ def evaluate(
     batch_size: int | None = None,
     n_overlays: int | None = None,
     progress: bool = False,
+    empty: str = "one",
 ) -> dict:
     """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
 
@@ -285,7 +297,9 @@ def evaluate(
     channels = model_channels(predictor.config)
     chosen = figures.overlay_choice([r.has_tumor for r in records], n_overlays)
     kept: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, float]] = []
-    acc = metrics.SegmentationAccumulator()
+    if empty not in metrics.EMPTY_CONVENTIONS:
+        raise DlvaeError(f"--empty must be one of {', '.join(metrics.EMPTY_CONVENTIONS)}, got {empty!r}")
+    acc = metrics.SegmentationAccumulator(volumes=True, empty=empty)
     diagnose = getattr(predictor, "latent_sizes", None) is not None
     latent: dict[str, list[np.ndarray]] = {"mean": [], "kl": []}
     probe_parts: dict[str, list[dict]] = {name: [] for name in PROBES}

@@ -29,6 +29,7 @@ def _cmd_train(args) -> int:
 
     from dlvae_jax import signals
     from dlvae_jax.train.loop import train
+    from dlvae_jax.train.step import PROBES
 
     try:
         summary = train(cfg, args.workdir, parallel=args.parallel, overwrite=args.overwrite,
@@ -56,7 +57,12 @@ def _cmd_train(args) -> int:
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
           f"({summary['slices_per_s']:.1f} slices/s); workdir {summary['workdir']}")
     if val:
-        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())))
+        main = {k: v for k, v in val.items() if not k.startswith(("probe_", "latent_"))}
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(main.items())))
+        if "latent_kl_nats" in val:
+            drops = ", ".join(f"{n} {val[f'probe_{n}_dice_drop']:+.4f}" for n in PROBES)
+            print(f"VAE latent: KL {val['latent_kl_nats']:.2f} nats, {val['latent_active_units']:.0f} active units; "
+                  f"Dice drop with z replaced: {drops}")
     return 0
 
 
