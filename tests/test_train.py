@@ -55,6 +55,31 @@ def test_every_named_config_loads_and_builds_its_model():
     assert configs.load("default").model.dtype == "bfloat16"
 
 
+def test_loss_overrides_name_registered_terms_and_valid_schedules():
+    from dlvae_jax import losses
+    from dlvae_jax.train import experiment as ex
+
+    cfg = configs.load("demo", ["loss.weights.cosine=0.5", "loss.schedules.kl=cyclical:100:0.25",
+                                "loss.reduction=sum"])
+    loss = ex.loss_from_config(cfg)
+    assert loss.cosine == 0.5 and loss.schedule("kl") == "cyclical:100:0.25" and loss.reduction == "sum"
+    with pytest.raises(DlvaeError, match=r"loss.weights has no field 'kll'; did you mean kl"):
+        configs.load("demo", ["loss.weights.kll=1"])
+    with pytest.raises(DlvaeError, match=r"loss.schedules.kl: schedule 'sometimes'"):
+        configs.load("demo", ["loss.schedules.kl=sometimes"])
+    with pytest.raises(DlvaeError, match=r"loss.reduction must be one of pixel, sum, mean"):
+        configs.load("demo", ["loss.reduction=median"])
+    # A term registered (e.g. by a config file) takes a weight that the config did not list.
+    losses.term("test_extra_term")(lambda outputs, batch, cfg, ctx: None)
+    try:
+        cfg = configs.load("demo", ["loss.weights.test_extra_term=0.25"])
+        assert ex.loss_from_config(cfg).term_weights["test_extra_term"] == 0.25
+    finally:
+        del losses.TERMS["test_extra_term"]
+    # A run's config.json naming a term this process never registered still loads (evaluate needs no loss).
+    assert configs.from_json(configs.to_json(cfg)).loss.weights.test_extra_term == 0.25
+
+
 def test_overrides_are_type_checked_and_unknown_fields_named():
     cfg = configs.load("demo", ["train.steps=7", "optimizer.learning_rate=1", "model.name=unet",
                                 "data.fractions=(0.6, 0.2, 0.2)"])

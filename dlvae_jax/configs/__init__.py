@@ -391,7 +391,7 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0 or fractions[1] <= 0:
         raise ConfigError(_at(where, "data.fractions must be (train, validation, test) shares >= 0 summing to 1, "
                                      f"with train and validation > 0; got {tuple(value('data', 'fractions'))}"))
-    _validate_loss(cfg.loss, where)
+    _validate_loss(cfg.loss, where, check_names=complete)
     k = value("preprocess", "k")
     if not 2 <= k <= 255:
         raise ConfigError(_at(where, f"preprocess.k must be in [2, 255] (clusters of grey levels), got {k}"))
@@ -403,9 +403,11 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     return cfg
 
 
-def _validate_loss(loss: Any, where: str | None) -> None:
+def _validate_loss(loss: Any, where: str | None, check_names: bool = True) -> None:
     """Weights and schedules name registered terms; weights are finite numbers,
-    schedules parse; the reconstruction kind and reduction are known."""
+    schedules parse; the reconstruction kind and reduction are known. A run's
+    config.json (`check_names=False`) may name a term its config file
+    registered, which `evaluate` never imports."""
     from dlvae_jax import losses
 
     for group in ("weights", "schedules"):
@@ -415,7 +417,7 @@ def _validate_loss(loss: Any, where: str | None) -> None:
         if not isinstance(items, (dict, ml_collections.ConfigDict)):
             raise ConfigError(_at(where, f"loss.{group} must map loss terms to values, got {items!r}"))
         for name, v in items.items():
-            if name not in losses.TERMS:
+            if check_names and name not in losses.TERMS:
                 raise ConfigError(_at(where, f"loss.{group}.{name}: no such loss term; registered: "
                                              f"{', '.join(losses.TERMS)}"))
             if group == "weights" and not _is_number(v):
