@@ -23,7 +23,7 @@ from sklearn import metrics as skm
 
 from dlvae_jax import cli
 from dlvae_jax.data import lgg
-from dlvae_jax.data.splits import write_splits
+from dlvae_jax.data.splits import read_splits, write_splits
 from dlvae_jax.io import write_json
 from dlvae_jax.outdir import write_marker
 from dlvae_jax.eval import evaluate as evaluate_mod
@@ -46,6 +46,14 @@ class FakePredictor:
         self.truth = {f.tobytes(): m.astype(bool) for f, m in zip(flair, masks)}
         self.draws: dict[bytes, np.ndarray] = {}
 
+    def _truth(self, flair_HxW: np.ndarray) -> np.ndarray:
+        """The slice's mask; for a flipped slice (test-time augmentation) the mask flipped alike."""
+        for flip in (lambda a: a, lambda a: a[::-1], lambda a: a[:, ::-1], lambda a: a[::-1, ::-1]):
+            mask = self.truth.get(np.ascontiguousarray(flip(flair_HxW)).tobytes())
+            if mask is not None:
+                return flip(mask)
+        raise KeyError("not a slice of the data")
+
     def _rng(self, flair_HxW: np.ndarray, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([zlib.crc32(flair_HxW.tobytes()), salt])
 
@@ -55,7 +63,7 @@ class FakePredictor:
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         flair_BxHxW = self._flair(images)
-        truth = np.stack([self.truth[f.tobytes()] for f in flair_BxHxW])
+        truth = np.stack([self._truth(f) for f in flair_BxHxW])
         has = truth.any(axis=(1, 2))
         if self.mode == "truth":
             prob, tumor_prob = np.where(truth, 0.9, 0.1), np.where(has, 0.8, 0.2)
@@ -78,6 +86,9 @@ class FakePredictor:
         for i, f in enumerate(flair_BxHxW):
             self.draws[f.tobytes()] = out[:, i]
         return out.mean(axis=0)
+
+    def sample_stats(self, images: np.ndarray, n: int, seed: int):
+        return self.sample_mean(images, n, seed), None
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +283,42 @@ def test_predict_files(monkeypatch, tmp_path, workdir, data_dir, use_fake, chann
         assert row["entropy_mean_bits"] == pytest.approx(float(got.mean()))
         for suffix in ("overlay", "mean", "entropy"):
             assert Path(f"{base}_{suffix}.png").stat().st_size > 0
+
+
+def test_evaluate_scores_uncertainty_maps_against_sklearn(monkeypatch, workdir, data_dir, use_fake):
+    """evaluate --samples: AUROC of the entropy of the sample mean for its
+    pixel errors (sklearn on the same 1/1000 bins) and the Brier score; the
+    reliability diagram is written; --tta uses the 4 flips."""
+    from sklearn.metrics import roc_auc_score
+
+    from dlvae_jax.eval.evaluate import evaluate
+
+    fake = use_fake("noisy")
+    report = evaluate(workdir, split="test", samples=5, seed=3)
+    index = lgg.scan(data_dir)
+    records = [r for r in index.records if r.patient in read_splits(workdir)["test"]]
+    images, truth = lgg.load_arrays(records)
+    mean = np.concatenate([fake.sample_mean(images[i:i + 32], 5, 3 + i) for i in range(0, len(images), 32)])
+    p = mean.astype(np.float64)
+    u = predict_mod.predictive_entropy(mean).astype(np.float64)  # float32 bits, checked by hand below
+    wrong = (mean >= 0.5) != truth.astype(bool)
+    u_bin = np.minimum(np.floor(u * 1000), 999)
+    got = report["uncertainty"]
+    assert got["auroc_error"] == pytest.approx(roc_auc_score(wrong.ravel(), u_bin.ravel()), abs=1e-9)
+    assert got["brier"] == pytest.approx(np.mean((p - truth.astype(bool)) ** 2), rel=1e-6)
+    assert (workdir / "eval_test" / "reliability.png").stat().st_size > 0
+    assert json.loads((workdir / "metrics_test.json").read_text())["uncertainty"]["n_pixels"] == truth.size
+    assert "flips" in evaluate(workdir, split="test", tta=True)["uncertainty"]["method"]
+
+
+def test_evaluate_refuses_samples_it_cannot_draw(monkeypatch, workdir, use_fake, capsys):
+    fake = use_fake("noisy")
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--samples", "4", "--tta"]) != 0
+    assert "one at a time" in capsys.readouterr().err
+    monkeypatch.setattr(type(fake), "can_sample", False)
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--samples", "4"]) != 0
+    assert "deterministic" in capsys.readouterr().err
+    assert not (workdir / "metrics_test.json").exists()
 
 
 def test_predictive_entropy_edges():

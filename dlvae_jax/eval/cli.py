@@ -27,6 +27,9 @@ def _cmd_evaluate(args) -> int:
         n_overlays=args.overlays,
         progress=_progress(args),
         empty=args.empty,
+        samples=args.samples,
+        tta=args.tta,
+        seed=args.seed,
     )
     split = report["split"]
     print(evaluate.format_table(report))
@@ -76,6 +79,12 @@ def register(subparsers) -> None:
                    help="slices per predictor call (default: the config's eval.batch_size)")
     p.add_argument("--overlays", type=int, default=None,
                    help="overlay PNGs to write (default: the config's eval.overlays)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="DL-VAE-CNN: also score uncertainty maps from N latent draws of the label-free posterior "
+                        "(AUROC of entropy for pixel errors, ECE, reliability.png); default 0")
+    p.add_argument("--tta", action="store_true",
+                   help="also score uncertainty maps from test-time augmentation (4 flips), for any model with a mask")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
     p.add_argument("--empty", choices=("one", "exclude"), default="one",
                    help="how a patient (or slice) with no tumor in truth or prediction enters the Dice and IoU "
                         "means: one scores it 1 (default); exclude leaves it out, as nnU-Net does")

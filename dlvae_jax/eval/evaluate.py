@@ -47,6 +47,7 @@ from dlvae_jax.data import lgg
 from dlvae_jax.data.splits import SPLITS_FILE, read_splits
 from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.eval import inference
+from dlvae_jax.eval.uncertainty import CalibrationAccumulator, predictive_entropy, save_reliability, tta_mean
 from dlvae_jax.io import atomic_path, write_json, write_text
 from dlvae_jax.metrics import THRESHOLD, decide
 from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
@@ -234,6 +235,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{'HD95 per volume (3D)':<28}mean {_num(report['hd95_volume_mean'], 2)}   "
                      f"(n = {report['hd95_volume_n']} patients); one-empty penalized "
                      f"{_num(report['hd95_volume_penalized_mean'], 2)} (n = {report['hd95_volume_penalized_n']})")
+    if "uncertainty" in report:
+        u = report["uncertainty"]
+        lines += ["", f"{'uncertainty':<28}{u['method']}: AUROC of entropy for pixel errors {_num(u['auroc_error'])}, "
+                      f"ECE {u['ece']:.4f}, Brier {u['brier']:.4f} ({u['n_pixels']} pixels, {u['n_errors']} wrong)"]
     if "latent" in report:
         lat, probe = report["latent"], report["probe"]
         lines += [
@@ -260,6 +265,9 @@ def evaluate(
     n_overlays: int | None = None,
     progress: bool = False,
     empty: str = "one",
+    samples: int = 0,
+    tta: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
 
@@ -277,9 +285,20 @@ def evaluate(
         raise DlvaeError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
     if batch_size is not None and batch_size < 1:
         raise DlvaeError(f"--batch-size must be at least 1, got {batch_size}")
+    if samples and tta:
+        raise DlvaeError("--samples and --tta are two sources of uncertainty; ask for one at a time")
+    if not 0 <= samples <= 10000:
+        raise DlvaeError(f"--samples must be in [0, 10000], got {samples}")
     _check_writable(workdir)
     run_id = _run_identity(workdir)
     predictor = inference.load_predictor(workdir, checkpoint)
+    model_name = _config_value(predictor.config, "model", "name") or "trained"
+    if samples and not getattr(predictor, "can_sample", False):
+        raise DlvaeError(f"--samples: the {model_name} model in {workdir} is deterministic (no latent to "
+                         "sample); use --tta for test-time-augmentation uncertainty")
+    if tta and not getattr(predictor, "segments", True):
+        raise DlvaeError(f"--tta: the {model_name} model in {workdir} gives no pixel map")
+    calibration = CalibrationAccumulator() if samples or tta else None
     used = getattr(predictor, "checkpoint", checkpoint)
     if used != checkpoint:
         print_warning(f"{workdir}: no readable {checkpoint} checkpoint; scoring the {used} one (step {predictor.step})")
@@ -314,6 +333,12 @@ def evaluate(
         masks, labels = decide(out, len(batch), flair.shape[1:])
         truth = truth.astype(bool)
         part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
+        if calibration is not None:
+            if samples:
+                mean, _ = predictor.sample_stats(images, samples, seed + start)
+            else:
+                mean = tta_mean(predictor, images)
+            calibration.add(mean, predictive_entropy(mean), truth)
         if diagnose:
             latent["mean"].append(out["latent_mean_BxD"])
             latent["kl"].append(out["latent_kl_BxD"])
@@ -335,6 +360,9 @@ def evaluate(
         report["latent"] = metrics.latent_report(np.concatenate(latent["mean"]), np.concatenate(latent["kl"]),
                                                  predictor.latent_sizes)
         report["probe"] = metrics.probe_report(cat(base_parts), {n: cat(p) for n, p in probe_parts.items()}, patients)
+    if calibration is not None:
+        report["uncertainty"] = dict(calibration.report(), method=f"{samples} latent samples" if samples
+                                     else "test-time augmentation (4 flips)")
     report.update({
         "data_dir": str(index.root),
         "split": split,
@@ -355,6 +383,10 @@ def evaluate(
                                title=f"{split}: Dice per patient volume (step {report['checkpoint_step']})")
         figures.save_confusion(tmp / "confusion.png", report["slice_counts"],
                                title=f"{split}: slice labels (step {report['checkpoint_step']})")
+        if calibration is not None:
+            u = report["uncertainty"]
+            save_reliability(tmp / "reliability.png", u,
+                             f"{split}, {u['method']}\nAUROC of entropy for pixel errors {u['auroc_error']:.3f}")
         for record, f, t, m, d in kept:
             figures.save_overlay(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}.png", f, t, m,
                                  title=f"{record.patient} slice {record.slice_number}: Dice {d:.2f}")

@@ -113,6 +113,14 @@ class Predictor:
         grow with n. Sample i uses key i of `split(key(seed), n)`: the result
         depends on (inputs, n, seed) only. Raises DlvaeError for a model with
         nothing to sample (see `can_sample`)."""
+        return self.sample_stats(flair_BxHxW, n, seed, chunk)[0]
+
+    def sample_stats(self, flair_BxHxW: np.ndarray, n: int, seed: int, chunk: int = 8
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(mean probability, mean per-sample entropy in bits), float32 [B, H, W]
+        each, over n latent draws as in `sample_mean`. The entropy of the mean
+        minus the mean entropy is the mutual information between the
+        prediction and z (the part of the uncertainty that is the model's)."""
         if not self.can_sample:
             raise DlvaeError(f"a {self.config.model.name} model is deterministic: it has no latent to sample, "
                              "so its samples would all be the same prediction; drop --samples")
@@ -131,15 +139,17 @@ class Predictor:
             if len(part) < chunk:
                 part = jnp.concatenate([part, jnp.broadcast_to(part[:1], (chunk - len(part),))])
             s = fn(self.variables, batch, self._eval_key, part, weights)
-            total = s if total is None else total + s
-        return (np.asarray(total, np.float64)[:b] / n).astype(np.float32)
+            total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
+        prob, entropy = (np.asarray(t, np.float64)[:b] / n for t in total)
+        return prob.astype(np.float32), entropy.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
 def _sampler(model, prep):
     @jax.jit
     def run(variables, batch, eval_key, keys_S, weights_S):
-        """Sum over the S keys (weighted) of the sampled tumor probability, float32 [B, H, W]."""
+        """Sums over the S keys (weighted) of the sampled tumor probability and
+        of its binary entropy in bits: two float32 [B, H, W]."""
         inputs = prepare_inputs(batch, jax.random.wrap_key_data(eval_key), prep, None)
         inputs = {k: v for k, v in inputs.items() if k not in ("label_B", "mask_BxHxW")}
         out, _ = apply_model(model, variables, inputs, train=False)
@@ -154,9 +164,13 @@ def _sampler(model, prep):
             prob = jax.nn.sigmoid(o["mask_logits_BxHxW"].astype(jnp.float32))
             if prob.shape[1:] != (h, w):
                 prob = jax.image.resize(prob, (b, h, w), "linear")
-            return total + weight * prob, None
+            p = jnp.clip(prob, 0.0, 1.0)
+            ent = -(jnp.where(p > 0, p * jnp.log2(jnp.maximum(p, 1e-30)), 0.0)
+                    + jnp.where(p < 1, (1 - p) * jnp.log2(jnp.maximum(1 - p, 1e-30)), 0.0))
+            return (total[0] + weight * prob, total[1] + weight * ent), None
 
-        total, _ = jax.lax.scan(one, jnp.zeros((b, h, w), jnp.float32), (keys_S, weights_S))
+        zeros = jnp.zeros((b, h, w), jnp.float32)
+        total, _ = jax.lax.scan(one, (zeros, zeros), (keys_S, weights_S))
         return total
 
     return run

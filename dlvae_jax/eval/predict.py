@@ -50,6 +50,7 @@ import numpy as np
 from dlvae_jax.errors import DlvaeError
 from dlvae_jax.outdir import output_folder
 from dlvae_jax.eval import inference
+from dlvae_jax.eval.uncertainty import predictive_entropy
 from dlvae_jax.eval.evaluate import model_channels
 from dlvae_jax.metrics import decide
 from dlvae_jax.report import overlay_rgb, save_png
@@ -128,15 +129,6 @@ def read_slice(path: Path, channels: str = "flair") -> tuple[np.ndarray, np.ndar
         raise DlvaeError(f"{path}: has one channel; the model was trained on all three "
                          "(pre-contrast, FLAIR, post-contrast)")
     return image, flair
-
-
-def predictive_entropy(prob: np.ndarray) -> np.ndarray:
-    """Binary entropy in bits of a probability map, 0 log 0 = 0: float32, same shape, in [0, 1]."""
-    p = np.clip(np.asarray(prob, np.float64), 0.0, 1.0)
-    q = 1.0 - p
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(np.where(p > 0, p * np.log2(p), 0.0) + np.where(q > 0, q * np.log2(q), 0.0))
-    return h.astype(np.float32)
 
 
 def _tiff_bytes(mask: np.ndarray) -> bytes:
