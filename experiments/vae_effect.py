@@ -208,7 +208,21 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def render(result: dict, analysis: dict, out: Path) -> None:
+def latent_rows(runs: Path) -> list[dict]:
+    """What the dlvae_cnn arm's latent carries on each test fold, from the
+    metrics_test.json `dlvae-jax evaluate` wrote into its run."""
+    rows = []
+    for path in sorted(runs.glob("fold*/dlvae_cnn/metrics_test.json")):
+        m = json.loads(path.read_text())
+        if "latent" in m:
+            rows.append({"fold": path.parent.parent.name, "kl_nats": m["latent"]["kl_nats"],
+                         "active_units": m["latent"]["active_units"], "n_dims": m["latent"]["n_dims"],
+                         **{f"{n}_dice_drop": m["probe"][n]["dice_drop"] for n in ("zeros", "shuffle", "prior")},
+                         **{f"{n}_accuracy_drop": m["probe"][n]["accuracy_drop"] for n in ("zeros", "shuffle", "prior")}})
+    return rows
+
+
+def render(result: dict, analysis: dict, out: Path, runs: Path | None = None) -> None:
     lines = ["# What the VAE adds: cross-validated, paired, on every patient", "",
              "Made by:", "", "```", result["command"], "```", "",
              f"Data: {result['n_patients']} patients, {result['folds']} patient-level folds (each patient scored "
@@ -232,6 +246,19 @@ def render(result: dict, analysis: dict, out: Path) -> None:
         lines.append(f"| {name} | {s['n']} | {s['mean_diff']:+.3f} | {s['ci95'][0]:+.3f} to {s['ci95'][1]:+.3f} | "
                      f"{s['median_diff']:+.3f} | {s['wins']} / {s['losses']} / {s['ties']} | "
                      f"{_fmt_p(s['wilcoxon_p'])} |")
+    latent = latent_rows(runs) if runs is not None else []
+    if latent:
+        lines += ["", "## What the dlvae_cnn arm's latent carries (test folds)", "",
+                  "KL of the label-free posterior (nats, mean over slices; bounds what z tells about a slice), "
+                  "active units (variance of the posterior mean over slices > 0.01), and the latent probe: the "
+                  "drop in Dice per volume and in slice accuracy when the CNN's z is replaced.", "",
+                  "| fold | KL (nats) | active units | Dice drop: zeros / shuffled / prior | "
+                  "accuracy drop: zeros / shuffled / prior |", "|---|---|---|---|---|"]
+        for r in latent:
+            lines.append(f"| {r['fold']} | {r['kl_nats']:.1f} | {r['active_units']} of {r['n_dims']} | "
+                         f"{r['zeros_dice_drop']:+.3f} / {r['shuffle_dice_drop']:+.3f} / {r['prior_dice_drop']:+.3f} | "
+                         f"{r['zeros_accuracy_drop']:+.3f} / {r['shuffle_accuracy_drop']:+.3f} / "
+                         f"{r['prior_accuracy_drop']:+.3f} |")
     lines += ["", "## Per fold", "", "| fold | arm | test patients | train s | checkpoint step |",
               "|---|---|---|---|---|"]
     for f in result["fold_runs"]:
@@ -276,7 +303,7 @@ def main(argv=None) -> int:
     path = args.out / "vae_effect.json"
     if args.render:
         result = json.loads(path.read_text())
-        render(result, analyse(result, args.bootstrap, args.seed), args.out)
+        render(result, analyse(result, args.bootstrap, args.seed), args.out, args.runs)
         return 0
 
     import platform
@@ -327,7 +354,7 @@ def main(argv=None) -> int:
     analysis = analyse(result, args.bootstrap, args.seed)
     result["analysis"] = analysis
     path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    render(result, analysis, args.out)
+    render(result, analysis, args.out, args.runs)
     for name, s in analysis["pairs"].items():
         print(f"{name}: mean diff {s['mean_diff']:+.3f} (95% CI {s['ci95'][0]:+.3f} to {s['ci95'][1]:+.3f}), "
               f"wins {s['wins']}/{s['n']}, Wilcoxon p {_fmt_p(s['wilcoxon_p'])}")
