@@ -55,6 +55,23 @@ def test_every_named_config_loads_and_builds_its_model():
     assert configs.load("default").model.dtype == "bfloat16"
 
 
+def test_real_data_configs_read_the_folder_from_the_environment(tmp_path, monkeypatch):
+    """cpu/default name no machine path: DLVAE_LGG_DIR (made absolute) or --data-dir."""
+    data = tmp_path / "lgg"
+    data.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DLVAE_LGG_DIR", "lgg")
+    assert configs.load("cpu").data.data_dir == str(data)
+    monkeypatch.delenv("DLVAE_LGG_DIR")
+    cfg = configs.load("default")
+    assert cfg.data.data_dir == "${DLVAE_LGG_DIR}"
+    with pytest.raises(DlvaeError, match="DLVAE_LGG_DIR"):
+        from dlvae_jax.train.loop import train
+
+        train(cfg, tmp_path / "run", progress="none")
+    assert not (tmp_path / "run").exists()
+
+
 def test_loss_overrides_name_registered_terms_and_valid_schedules():
     from dlvae_jax import losses
     from dlvae_jax.train import experiment as ex

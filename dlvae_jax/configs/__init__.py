@@ -201,12 +201,25 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
+def expand_data_dir(value: str) -> str:
+    """A data_dir naming environment variables (`${DLVAE_LGG_DIR}`) with them
+    expanded, made absolute; left as written while a variable is unset (the
+    run then stops with a message saying which to set)."""
+    if not value or "$" not in value:
+        return value
+    expanded = os.path.expandvars(value)
+    if "$" in expanded:
+        return value
+    return os.path.abspath(os.path.expanduser(expanded))
+
+
 def load(name_or_file: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config `name_or_file` with `overrides` applied, validated (`validate`)."""
     where = name_or_file if name_or_file.endswith(".py") else f"config {name_or_file!r}"
     cfg = get(name_or_file)
     _check_shape(cfg, where)
     cfg = apply_overrides(cfg, overrides)
+    cfg.data.data_dir = expand_data_dir(cfg.data.data_dir)
     validate(cfg, where)
     cfg = resolve_model(cfg)
     cfg.config_name = name_or_file if name_or_file in NAMES else str(Path(name_or_file).resolve())

@@ -7,7 +7,7 @@ from dlvae_jax.configs.base import base
 
 def get_config():
     c = base()
-    c.data.data_dir = "../shared/data/lgg/kaggle_3m"
+    c.data.data_dir = "${DLVAE_LGG_DIR}"  # the kaggle_3m folder: set DLVAE_LGG_DIR, or pass --data-dir
     c.data.image_size = 128
     c.model = dict(
         name="dlvae_cnn", dtype="float32", features=16, levels=4, vae_features=16, vae_levels=4,

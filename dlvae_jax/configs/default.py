@@ -6,7 +6,7 @@ from dlvae_jax.configs.base import base
 
 def get_config():
     c = base()
-    c.data.data_dir = "../shared/data/lgg/kaggle_3m"
+    c.data.data_dir = "${DLVAE_LGG_DIR}"  # the kaggle_3m folder: set DLVAE_LGG_DIR, or pass --data-dir
     c.data.image_size = 256
     c.data.num_threads = 8
     c.model = dict(name="dlvae_cnn", dtype="bfloat16", inference_label="unknown")

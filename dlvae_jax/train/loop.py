@@ -93,6 +93,9 @@ def _norm(key, v):
 def resolve_data_dir(cfg, workdir: Path) -> tuple[Path, bool]:
     """(data folder, synthesized?): the config's data_dir, or synthetic phantoms in workdir/data."""
     if cfg.data.data_dir:
+        if "$" in str(cfg.data.data_dir):
+            raise DlvaeError(f"data.data_dir is {cfg.data.data_dir!r} and that environment variable is not set: "
+                             "set DLVAE_LGG_DIR to the kaggle_3m folder, or pass --data-dir DIR")
         path = Path(cfg.data.data_dir).expanduser()
         if not path.is_dir():
             raise DlvaeError(f"{path}: data folder not found (data.data_dir; set it with --data-dir)")
