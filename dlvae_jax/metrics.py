@@ -457,7 +457,25 @@ def segmentation_report(
 THRESHOLD = 0.5  # probability cut of both the class head and the pixel map
 
 
-def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def remove_small_components(masks_BxHxW: np.ndarray, min_size: int) -> np.ndarray:
+    """Each slice's mask without its 8-connected components of fewer than
+    `min_size` pixels (the post-processing nnU-Net also applies, with the size
+    chosen on validation data): bool [B, H, W]."""
+    masks = np.asarray(masks_BxHxW, bool).copy()
+    if min_size <= 1:
+        return masks
+    structure = np.ones((3, 3), bool)
+    for i in np.flatnonzero(masks.any(axis=(1, 2))):
+        labels, n = ndimage.label(masks[i], structure=structure)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        small = sizes < min_size
+        small[0] = False
+        masks[i][small[labels]] = False
+    return masks
+
+
+def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
+           min_component: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The slice decision shared by evaluation, prediction and in-training validation.
 
     A slice is called "tumor" when the class head's ``tumor_prob >= THRESHOLD``;
@@ -466,7 +484,9 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tu
     map extent).
 
     out: {"prob_BxHxW": float [B, H, W], "tumor_prob_B": float [B]} for n
-    slices of shape_HxW. Returns (masks bool [B, H, W], labels bool [B]).
+    slices of shape_HxW. min_component > 1 then removes the mask's components
+    smaller than that (`remove_small_components`); the slice label stays the
+    class head's. Returns (masks bool [B, H, W], labels bool [B]).
     Raises DlvaeError when the output does not have those shapes.
     """
     try:
@@ -480,6 +500,8 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int]) -> tu
         )
     labels = tumor_prob >= THRESHOLD
     masks = (prob >= THRESHOLD) & labels[:, None, None]
+    if min_component > 1:
+        masks = remove_small_components(masks, min_component)
     return masks, labels
 
 

@@ -313,8 +313,8 @@ def test_evaluate_scores_uncertainty_maps_against_sklearn(monkeypatch, workdir, 
 
 def test_evaluate_refuses_samples_it_cannot_draw(monkeypatch, workdir, use_fake, capsys):
     fake = use_fake("noisy")
-    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--samples", "4", "--tta"]) != 0
-    assert "one at a time" in capsys.readouterr().err
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--min-component", "-1"]) != 0
+    assert "--min-component" in capsys.readouterr().err
     monkeypatch.setattr(type(fake), "can_sample", False)
     assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--samples", "4"]) != 0
     assert "deterministic" in capsys.readouterr().err

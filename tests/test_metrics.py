@@ -323,3 +323,24 @@ def test_nnunet_empty_convention_leaves_empty_cases_out():
     assert ex["dice_slice_n"] == 2 and ex["dice_slice_mean"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="empty"):
         SegmentationAccumulator(empty="zero")
+
+
+def test_small_components_removed_as_skimage_does():
+    """remove_small_components(m, k) == skimage's remove_small_objects with
+    8-connectivity and max_size k - 1 (objects of fewer than k pixels go)."""
+    from skimage.morphology import remove_small_objects
+
+    from dlvae_jax.metrics import decide, remove_small_components
+
+    rng = np.random.default_rng(4)
+    masks = rng.random((6, 20, 20)) < 0.25
+    for k in (0, 1, 2, 5, 12):
+        got = remove_small_components(masks, k)
+        want = masks if k <= 1 else np.stack([remove_small_objects(m, max_size=k - 1, connectivity=2) for m in masks])
+        np.testing.assert_array_equal(got, want)
+    # decide applies it after the class-head gate; the slice label is kept.
+    prob = np.zeros((1, 8, 8), np.float32)
+    prob[0, 1:4, 1:4] = 0.9   # 9 pixels
+    prob[0, 6, 6] = 0.9       # 1 pixel
+    masks, labels = decide({"prob_BxHxW": prob, "tumor_prob_B": np.array([0.8], np.float32)}, 1, (8, 8), 2)
+    assert masks.sum() == 9 and labels[0]

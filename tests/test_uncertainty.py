@@ -51,7 +51,7 @@ def test_predictive_entropy_by_hand():
                                [0.0, 1.0, 0.0, -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))], rtol=1e-6)
 
 
-def test_tta_mean_flips_back_each_prediction():
+def test_flips_mean_flips_back_each_prediction():
     """A predictor that marks the left half of what it sees: flipped left-right
     it marks the right half, flipped back that is the right half of the slice,
     so the mean over the 4 flips is 0.5 everywhere; a flip-equivariant
@@ -59,7 +59,13 @@ def test_tta_mean_flips_back_each_prediction():
     images = np.zeros((2, 4, 6), np.uint8)
     images[:, 1:3, 1:2] = 200
     left = lambda x: {"prob_BxHxW": np.broadcast_to((np.arange(x.shape[2]) < x.shape[2] // 2).astype(np.float32),
-                                                    x.shape[:3]).copy()}
-    np.testing.assert_allclose(U.tta_mean(left, images), 0.5)
-    bright = lambda x: {"prob_BxHxW": (x > 100).astype(np.float32)}
-    np.testing.assert_allclose(U.tta_mean(bright, images), (images > 100).astype(np.float32))
+                                                    x.shape[:3]).copy(),
+                      "tumor_prob_B": x[:, 0, 0].astype(np.float32)}
+    out = U.flips_mean(left, images)
+    np.testing.assert_allclose(out["prob_BxHxW"], 0.5)
+    bright = lambda x: {"prob_BxHxW": (x > 100).astype(np.float32), "tumor_prob_B": x[:, 1, 1] / 255.0}
+    out = U.flips_mean(bright, images)
+    np.testing.assert_allclose(out["prob_BxHxW"], (images > 100).astype(np.float32))
+    # The slice probability is the mean over the 4 flipped inputs: pixel (1, 1) of each.
+    corners = [images[:, 1, 1], images[:, -2, 1], images[:, 1, -2], images[:, -2, -2]]
+    np.testing.assert_allclose(out["tumor_prob_B"], np.mean(corners, axis=0) / 255.0, rtol=1e-6)

@@ -316,12 +316,12 @@ def _check_shape(cfg: Any, where: str | None) -> None:
 
 # Sections whose fields all have defaults elsewhere (dataclasses): a field
 # absent there is fine, a field present must still have the base type.
-_OPTIONAL_SECTIONS = ("augment", "loss")
+_OPTIONAL_SECTIONS = ("augment", "loss", "eval")
 _POSITIVE_INTS = (("train", "batch_size"), ("train", "steps"), ("train", "log_every"), ("train", "eval_every"),
                   ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
                   ("optimizer", "accumulate_steps"), ("data", "image_size"), ("preprocess", "n_init"),
                   ("data", "synth_patients"), ("data", "synth_size"), ("data", "synth_slices"))
-_NON_NEGATIVE_INTS = (("eval", "overlays"), ("optimizer", "warmup_steps"),
+_NON_NEGATIVE_INTS = (("eval", "overlays"), ("eval", "min_component"), ("optimizer", "warmup_steps"),
                       ("data", "num_threads"))
 _SEEDS = (("train", "seed"), ("data", "split_seed"), ("data", "synth_seed"))
 

@@ -53,5 +53,9 @@ def base() -> ml_collections.ConfigDict:
         batch_size=16, steps=1000, seed=0,
         log_every=10, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
     )
-    c.eval = dict(batch_size=32, overlays=6)
+    c.eval = dict(
+        batch_size=32, overlays=6,
+        tta=False,             # predict as the mean over the slice and its 3 flips (evaluate, predict)
+        min_component=0,       # tumor components smaller than this (pixels at the data's size) are removed
+    )
     return c

@@ -28,7 +28,8 @@ def _cmd_evaluate(args) -> int:
         progress=_progress(args),
         empty=args.empty,
         samples=args.samples,
-        tta=args.tta,
+        tta=True if args.tta else None,
+        min_component=args.min_component,
         seed=args.seed,
     )
     split = report["split"]
@@ -83,7 +84,11 @@ def register(subparsers) -> None:
                    help="DL-VAE-CNN: also score uncertainty maps from N latent draws of the label-free posterior "
                         "(AUROC of entropy for pixel errors, ECE, reliability.png); default 0")
     p.add_argument("--tta", action="store_true",
-                   help="also score uncertainty maps from test-time augmentation (4 flips), for any model with a mask")
+                   help="predict as the mean over each slice and its 3 flips (default: the run's eval.tta), and "
+                        "score the flips' uncertainty maps unless --samples is given")
+    p.add_argument("--min-component", type=int, default=None, metavar="N",
+                   help="remove predicted tumor components smaller than N pixels (default: the run's "
+                        "eval.min_component)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
     p.add_argument("--empty", choices=("one", "exclude"), default="one",
                    help="how a patient (or slice) with no tumor in truth or prediction enters the Dice and IoU "

@@ -47,7 +47,7 @@ from dlvae_jax.data import lgg
 from dlvae_jax.data.splits import SPLITS_FILE, read_splits
 from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.eval import inference
-from dlvae_jax.eval.uncertainty import CalibrationAccumulator, predictive_entropy, save_reliability, tta_mean
+from dlvae_jax.eval.uncertainty import CalibrationAccumulator, predictive_entropy, save_reliability
 from dlvae_jax.io import atomic_path, write_json, write_text
 from dlvae_jax.metrics import THRESHOLD, decide
 from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
@@ -266,7 +266,8 @@ def evaluate(
     progress: bool = False,
     empty: str = "one",
     samples: int = 0,
-    tta: bool = False,
+    tta: bool | None = None,
+    min_component: int | None = None,
     seed: int = 0,
 ) -> dict:
     """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
@@ -285,8 +286,6 @@ def evaluate(
         raise DlvaeError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
     if batch_size is not None and batch_size < 1:
         raise DlvaeError(f"--batch-size must be at least 1, got {batch_size}")
-    if samples and tta:
-        raise DlvaeError("--samples and --tta are two sources of uncertainty; ask for one at a time")
     if not 0 <= samples <= 10000:
         raise DlvaeError(f"--samples must be in [0, 10000], got {samples}")
     _check_writable(workdir)
@@ -296,9 +295,15 @@ def evaluate(
     if samples and not getattr(predictor, "can_sample", False):
         raise DlvaeError(f"--samples: the {model_name} model in {workdir} is deterministic (no latent to "
                          "sample); use --tta for test-time-augmentation uncertainty")
-    if tta and not getattr(predictor, "segments", True):
-        raise DlvaeError(f"--tta: the {model_name} model in {workdir} gives no pixel map")
-    calibration = CalibrationAccumulator() if samples or tta else None
+    if tta is not None:
+        predictor.tta = bool(tta)
+    tta = bool(getattr(predictor, "tta", False))
+    if min_component is None:
+        min_component = int(getattr(predictor, "min_component", 0))
+    if min_component < 0:
+        raise DlvaeError(f"--min-component must be >= 0, got {min_component}")
+    score_flips = tta and getattr(predictor, "segments", True)
+    calibration = CalibrationAccumulator() if samples or score_flips else None
     used = getattr(predictor, "checkpoint", checkpoint)
     if used != checkpoint:
         print_warning(f"{workdir}: no readable {checkpoint} checkpoint; scoring the {used} one (step {predictor.step})")
@@ -330,24 +335,25 @@ def evaluate(
         images, truth = lgg.load_arrays(batch, channels)
         flair = images[..., lgg.FLAIR_CHANNEL] if channels == "all" else images
         out = predictor.diagnose(images) if diagnose else predictor(images)
-        masks, labels = decide(out, len(batch), flair.shape[1:])
+        masks, labels = decide(out, len(batch), flair.shape[1:], min_component)
         truth = truth.astype(bool)
         part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
         if calibration is not None:
             if samples:
                 mean, _ = predictor.sample_stats(images, samples, seed + start)
             else:
-                mean = tta_mean(predictor, images)
+                mean = out["prob_BxHxW"]  # the flips' mean
             calibration.add(mean, predictive_entropy(mean), truth)
         if diagnose:
             latent["mean"].append(out["latent_mean_BxD"])
             latent["kl"].append(out["latent_kl_BxD"])
-            base_parts.append(metrics.probe_counts(masks, truth, labels))
             patients.extend(r.patient for r in batch)
-            for name in PROBES:
-                m, lab = decide({"prob_BxHxW": out[f"probe_{name}_prob_BxHxW"],
-                                 "tumor_prob_B": out[f"probe_{name}_tumor_prob_B"]}, len(batch), flair.shape[1:])
-                probe_parts[name].append(metrics.probe_counts(m, truth, lab))
+            single = "single_" if "single_prob_BxHxW" in out else ""  # the probe compares single passes
+            for name in ("base", *PROBES):
+                key = single if name == "base" else f"probe_{name}_"
+                m, lab = decide({"prob_BxHxW": out[f"{key}prob_BxHxW"], "tumor_prob_B": out[f"{key}tumor_prob_B"]},
+                                len(batch), flair.shape[1:], min_component)
+                (base_parts if name == "base" else probe_parts[name]).append(metrics.probe_counts(m, truth, lab))
         for j in range(len(batch)):
             if start + j in chosen:
                 kept.append((batch[j], flair[j], truth[j], masks[j], float(part["dice"][j])))
@@ -369,6 +375,8 @@ def evaluate(
         "checkpoint": used,
         "checkpoint_step": int(predictor.step),
         "threshold": THRESHOLD,
+        "tta": tta,
+        "min_component": int(min_component),
         "n_patients_in_train": int(n_in_train),
     })
     report = json_safe(report)

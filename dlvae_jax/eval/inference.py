@@ -57,6 +57,9 @@ class Predictor:
         self.segments = MODELS[cfg.model.name].outputs_mask
         self._eval_key = jax.random.key_data(jax.random.key(EVAL_SEED))
         self.latent_sizes = ex.latent_sizes(cfg)  # None: the model has no VAE latent
+        ev = cfg.get("eval", {})
+        self.tta = bool(ev.get("tta", False))  # predictions averaged over the slice and its 3 flips
+        self.min_component = int(ev.get("min_component", 0))  # for `metrics.decide`
         self._predict = self._compile(diagnostics=False)
         self._diagnose = None
 
@@ -82,10 +85,21 @@ class Predictor:
                 "index_B": jax.device_put(np.zeros((rows,), np.int32), self._rows),
                 "valid_B": jax.device_put(np.arange(rows) < b, self._rows)}
 
-    def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+    def single(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+        """One prediction per slice: {"prob_BxHxW", "tumor_prob_B"}, float32."""
         b = len(flair_BxHxW)
         out = self._predict(self.variables, self._batch(flair_BxHxW))
         return {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
+
+    def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
+        """The run's prediction: `single`, or with `tta` the mean of the pixel
+        and slice probabilities over the slice and its left-right, up-down and
+        both flips (each flipped back)."""
+        if not self.tta:
+            return self.single(flair_BxHxW)
+        from dlvae_jax.eval.uncertainty import flips_mean
+
+        return flips_mean(self.single, flair_BxHxW)
 
     def diagnose(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
         """What `__call__` gives plus, for a model with a VAE latent, the
@@ -98,7 +112,11 @@ class Predictor:
             self._diagnose = self._compile(diagnostics=True)
         b = len(flair_BxHxW)
         out = self._diagnose(self.variables, self._batch(flair_BxHxW))
-        return {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
+        out = {k: np.asarray(v, np.float32)[:b] for k, v in out.items()}
+        if self.tta:  # the probe compares single passes; the prediction is the flips' mean
+            out["single_prob_BxHxW"], out["single_tumor_prob_B"] = out["prob_BxHxW"], out["tumor_prob_B"]
+            out.update(self(flair_BxHxW))
+        return out
 
     @property
     def can_sample(self) -> bool:

@@ -194,7 +194,7 @@ def predict(
         done = 0
         for group, images, flair in _batches(paths, BATCH_SIZE, model_channels(predictor.config)):
             result = predictor(images)
-            masks, labels = decide(result, len(group), flair.shape[1:])
+            masks, labels = decide(result, len(group), flair.shape[1:], getattr(predictor, "min_component", 0))
             tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
             prob = np.asarray(result["prob_BxHxW"], np.float32)
             mean = None

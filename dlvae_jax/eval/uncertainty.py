@@ -7,7 +7,8 @@ probability p per pixel and an uncertainty u per pixel:
   label-free posterior q(z | x, Y = unknown) it was trained with
   (`Predictor.sample_stats`);
 * ``tta``: test-time augmentation, any model: the prediction on the slice
-  and on its left-right, up-down and both flips, flipped back.
+  and on its left-right, up-down and both flips, flipped back
+  (`flips_mean`; `Predictor` with `tta` predicts this way).
 
 u is the predictive entropy of p in bits (`predictive_entropy`); the
 pixel's prediction is ``p >= 0.5`` (not gated by the class head).
@@ -44,26 +45,28 @@ def predictive_entropy(prob: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def tta_mean(predict, images: np.ndarray) -> np.ndarray:
-    """Mean pixel probability over the identity and the three flips (each flipped back).
+def _flipped(x: np.ndarray, flip_ud: bool, flip_lr: bool) -> np.ndarray:
+    if flip_ud:
+        x = x[:, ::-1]
+    if flip_lr:
+        x = x[:, :, ::-1]
+    return x
+
+
+def flips_mean(predict, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean of a predictor's outputs over the identity and the three flips.
 
     predict: a function of uint8 slices [B, H, W(, C)] returning
-    {"prob_BxHxW": [B, H, W]} (a `Predictor`)."""
-    total = None
+    {"prob_BxHxW": [B, H, W], "tumor_prob_B": [B]} (`Predictor.single`); the
+    pixel maps are flipped back before averaging."""
+    prob = tumor = None
     for flip_ud in (False, True):
         for flip_lr in (False, True):
-            x = images
-            if flip_ud:
-                x = x[:, ::-1]
-            if flip_lr:
-                x = x[:, :, ::-1]
-            p = np.asarray(predict(np.ascontiguousarray(x))["prob_BxHxW"], np.float64)
-            if flip_lr:
-                p = p[:, :, ::-1]
-            if flip_ud:
-                p = p[:, ::-1]
-            total = p if total is None else total + p
-    return (total / 4).astype(np.float32)
+            out = predict(np.ascontiguousarray(_flipped(images, flip_ud, flip_lr)))
+            p = _flipped(np.asarray(out["prob_BxHxW"], np.float64), flip_ud, flip_lr)
+            t = np.asarray(out["tumor_prob_B"], np.float64)
+            prob, tumor = (p, t) if prob is None else (prob + p, tumor + t)
+    return {"prob_BxHxW": (prob / 4).astype(np.float32), "tumor_prob_B": (tumor / 4).astype(np.float32)}
 
 
 class CalibrationAccumulator:

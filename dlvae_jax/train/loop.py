@@ -163,7 +163,8 @@ def evaluate_split(runner, variables, loader, cfg) -> dict:
     for host in host_iterator(ds, num_threads=1):
         out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
         n, shape = len(host["index_B"]), host["mask_BxHxW"].shape[1:]
-        masks, labels = metrics.decide(out, n, shape)
+        min_component = int(cfg.eval.get("min_component", 0))
+        masks, labels = metrics.decide(out, n, shape, min_component)
         truth = host["mask_BxHxW"] > 0
         row = dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
                    index=host["index_B"].astype(np.int64))
@@ -172,7 +173,7 @@ def evaluate_split(runner, variables, loader, cfg) -> dict:
             for name in PROBES:
                 probe = {"prob_BxHxW": out[f"probe_{name}_prob_BxHxW"],
                          "tumor_prob_B": out[f"probe_{name}_tumor_prob_B"]}
-                m, lab = metrics.decide(probe, n, shape)
+                m, lab = metrics.decide(probe, n, shape, min_component)
                 row.update({f"probe_{name}_{k}": v for k, v in metrics.probe_counts(m, truth, lab).items()})
         rows.append(row)
     local = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
