@@ -220,9 +220,10 @@ class DLVAECNN(nn.Module):
             # its z carry information about the slice.
             outputs["free_latent_means"] = free["means"]
             outputs["free_latent_logvars"] = free["logvars"]
-            rec_b1, rec_b2 = self.vae.decode(free["z"], unknown_Bx3, image.shape[1:3], image.shape[-1], train)
-            outputs["free_recon_b1_logits_BxHxWxC"] = rec_b1
-            outputs["free_recon_b2_logits_BxHxWxK"] = rec_b2
+            if train:  # only the loss reads it
+                rec_b1, rec_b2 = self.vae.decode(free["z"], unknown_Bx3, image.shape[1:3], image.shape[-1], train)
+                outputs["free_recon_b1_logits_BxHxWxC"] = rec_b1
+                outputs["free_recon_b2_logits_BxHxWxK"] = rec_b2
         return outputs
 
     def _marginal_encoding(self, image, b2, logits_Bx2, train, index_B):
