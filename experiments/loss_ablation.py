@@ -16,10 +16,11 @@ the ratios are printed and recorded, and training uses the fastest of them
 grouped convolutions, a slow path there.
 
 Evaluation. After --steps steps each variant's final weights are scored on
-the validation and the test patients of the config's patient-level split
+the validation patients of the config's patient-level split (never the test
+patients: the ablation chooses nothing on them)
 with the decision rule of `dlvae-jax evaluate`.
 
-Outputs in --out: loss_ablation.md (tables), loss_ablation.png (test Dice and
+Outputs in --out: loss_ablation.md (tables), loss_ablation.png (validation Dice and
 accuracy per variant, training loss curves), loss_ablation.json (every
 figure) and loss_ablation_log.jsonl (per-variant losses during training).
 
@@ -118,7 +119,8 @@ def run(args) -> dict:
 
     index = lgg.scan(args.data_dir)
     splits = make_splits(index, int(cfg.data.split_seed), tuple(float(f) for f in cfg.data.fractions))
-    data = {name: split_loader(index, splits, name, cfg.data.channels) for name in ("train", "validation", "test")}
+    # The ablation is judged on the validation patients only: the test patients are never scored here.
+    data = {name: split_loader(index, splits, name, cfg.data.channels) for name in ("train", "validation")}
 
     model = ex.model_from_config(cfg)
     tx, schedule = ex.optimizer_from_config(cfg)
@@ -230,20 +232,20 @@ def run(args) -> dict:
 
     # ---- evaluation of each variant's final weights
     evaluator = make_runner("jit", None, functools.partial(
-        eval_outputs, model=model, prep=prep, eval_key=jax.random.key_data(jax.random.key(EVAL_SEED))))
+        eval_outputs, model=model, prep=prep, eval_key=jax.random.key_data(jax.random.key(EVAL_SEED)),
+        diagnostics=True))
     results = {}
     host_many = jax.device_get(many)
     for i, n in enumerate(names):
         variables = evaluator.put_variables(get_variant(host_many, i).variables())
         results[n] = {"weights": {k: float(v) for k, v in variants[n].weights().items()},
                       "train": final_train[n], "non_finite_at": nonfinite.get(n),
-                      **{split: summary_metrics(evaluate_split(evaluator, variables, data[split], cfg))
-                         for split in ("validation", "test")}}
-        print(f"loss_ablation: {n}: test slice accuracy {results[n]['test']['slice_accuracy']:.4f}, "
-              f"Dice/volume {results[n]['test']['dice_volume_mean']:.4f}", file=sys.stderr, flush=True)
+                      "validation": summary_metrics(evaluate_split(evaluator, variables, data["validation"], cfg))}
+        print(f"loss_ablation: {n}: validation slice accuracy {results[n]['validation']['slice_accuracy']:.4f}, "
+              f"Dice/volume {results[n]['validation']['dice_volume_mean']:.4f}", file=sys.stderr, flush=True)
     return {"config": json.loads(configs.to_json(cfg)), "config_arg": args.config, "variants": names, "speed": speed, "results": results,
             "train_wall_s": round(train_s, 1), "curves": curves, "log_rows": log_rows,
-            "n_patients": {s: len(set(d.patients)) for s, d in data.items()},
+            "n_patients": {s: len({r.patient for r in d.records}) for s, d in data.items()},
             "n_slices": {s: len(d.records) for s, d in data.items()}}
 
 
@@ -263,8 +265,9 @@ def render(res: dict, command: str, machine: str, wall_s: float) -> str:
         f"{cfg['data']['image_size']}, batch {cfg['train']['batch_size']}, {cfg['train']['steps']} steps, seed "
         f"{cfg['train']['seed']}; every variant starts from the same weights and sees the same batches.",
         f"- Patients (slices): train {res['n_patients']['train']} ({res['n_slices']['train']}), validation "
-        f"{res['n_patients']['validation']} ({res['n_slices']['validation']}), test {res['n_patients']['test']} "
-        f"({res['n_slices']['test']}); split seed {cfg['data']['split_seed']}.",
+        f"{res['n_patients']['validation']} ({res['n_slices']['validation']}); split seed "
+        f"{cfg['data']['split_seed']}. Variants are judged on the validation patients only; the test patients "
+        "are never scored by the ablation.",
         "- Figures are from each variant's final weights, one seed: differences of a few points between "
         "variants are within what another seed could change (see the spread over seeds in tables.md).", "",
         "## Speed: stacked variants against one variant after another", "",
@@ -276,19 +279,23 @@ def render(res: dict, command: str, machine: str, wall_s: float) -> str:
         f"{sp['timed_steps']} timed steps each way, same batches, in the same run; the variants were trained with "
         f"`{sp['trained_with']}`.", "",
         "## Results", "",
-        "| Variant | KL | rec | cos | latent cls | final train loss | KL term | val acc | val Dice/vol | "
-        "test acc | test F1 | test Dice/vol | test IoU |",
+        f"Validation, {res['n_patients']['validation']} patients. KL: the label-free posterior's, in nats, on "
+        "the validation slices; active: dimensions whose posterior mean varies (variance > 0.01); probe: the "
+        "validation Dice lost when the CNN's z is replaced by a prior draw.", "",
+        "| Variant | KL | rec | cos | latent cls | final train loss | KL (nats) | active | probe Dice drop | "
+        "val acc | val F1 | val Dice/vol | val IoU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for n in res["variants"]:
         r = res["results"][n]
-        w, t, v, te = r["weights"], r["train"], r["validation"], r["test"]
+        w, t, v = r["weights"], r["train"], r["validation"]
         label = n if r.get("non_finite_at") is None else f"{n} (**non-finite from step {r['non_finite_at']}**)"
         lines.append(
             f"| {label} | {w['kl']:g} | {w['reconstruction']:g} | {w['cosine']:g} | {w['latent_classification']:g} | "
-            f"{t['total']:.3f} | {t.get('kl', float('nan')):.3f} | {v['slice_accuracy']:.3f} | "
-            f"{v['dice_volume_mean']:.3f} | {te['slice_accuracy']:.3f} | {te['slice_f1']:.3f} | "
-            f"{te['dice_volume_mean']:.3f} | {te['iou_mean']:.3f} |")
+            f"{t['total']:.3f} | {v.get('latent_kl_nats', nan):.2f} | {v.get('latent_active_units', nan):.0f} | "
+            f"{v.get('probe_prior_dice_drop', nan):+.3f} | {v['slice_accuracy']:.3f} | {v['slice_f1']:.3f} | "
+            f"{v['dice_volume_mean']:.3f} | {v['iou_mean']:.3f} |")
     lines += ["", "![ablation](loss_ablation.png)", ""]
     return "\n".join(lines) + "\n"
 
@@ -304,12 +311,14 @@ def plot(res: dict, path: Path) -> None:
     names = res["variants"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     x = np.arange(len(names))
-    a1.bar(x - 0.2, [res["results"][n]["test"]["dice_volume_mean"] for n in names], 0.4, label="test Dice/volume")
-    a1.bar(x + 0.2, [res["results"][n]["test"]["slice_accuracy"] for n in names], 0.4, label="test slice accuracy")
+    a1.bar(x - 0.2, [res["results"][n]["validation"]["dice_volume_mean"] for n in names], 0.4,
+           label="validation Dice/volume")
+    a1.bar(x + 0.2, [res["results"][n]["validation"]["slice_accuracy"] for n in names], 0.4,
+           label="validation slice accuracy")
     a1.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
     a1.set_ylim(0, 1)
     a1.legend(fontsize=7)
-    a1.set_title("final weights on the test patients", fontsize=9)
+    a1.set_title("final weights on the validation patients", fontsize=9)
     for n in names:
         pts = res["curves"][n]
         a2.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=n)
