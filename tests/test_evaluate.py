@@ -426,3 +426,36 @@ def test_evaluate_writes_nothing_when_the_run_was_replaced_meanwhile(monkeypatch
     err = capsys.readouterr().err
     assert "was replaced" in err and "nothing was written" in err
     assert not list(workdir.glob("metrics*")) and not (workdir / "eval_all").exists()
+
+
+def test_evaluate_and_predict_warn_when_the_data_differ_from_training(monkeypatch, tmp_path, workdir, data_dir,
+                                                                      use_fake, capsys):
+    """The head intensity of the scored slices against the training profile
+    (NumPy by hand): far away (or another kind of source) gives a plain
+    warning and `data_shift` in the report; close gives none."""
+    from dlvae_jax.data import shift
+    from dlvae_jax.eval.evaluate import evaluate
+
+    use_fake("noisy")
+    index = lgg.scan(data_dir)
+    records = [r for r in index.records if r.patient in read_splits(workdir)["test"]]
+    flair, _ = lgg.load_arrays(records)
+    head = flair > shift.HEAD_FLOOR
+    per_slice = np.array([f[h].mean() for f, h in zip(flair, head) if h.any()])
+    write_json(workdir / shift.PROFILE_FILE, {"source": "folder", "head_mean": float(per_slice.mean()),
+                                              "head_mean_sd": 5.0, "head_share": 0.3, "n_slices": 10})
+    report = evaluate(workdir, split="test", data_dir=data_dir)
+    assert report["data_shift"] is None and "differ" not in capsys.readouterr().err
+    assert report["data_profile"]["head_mean"] == pytest.approx(per_slice.mean())
+    write_json(workdir / shift.PROFILE_FILE, {"source": "synthetic phantoms", "head_mean": float(per_slice.mean()) + 40,
+                                              "head_mean_sd": 5.0, "head_share": 0.3, "n_slices": 10})
+    report = evaluate(workdir, split="test", data_dir=data_dir)
+    err = capsys.readouterr().err
+    assert "trained on synthetic phantoms" in report["data_shift"] and "inside the head" in report["data_shift"]
+    assert "differ from the training data" in err
+    assert json.loads((workdir / "metrics_test.json").read_text())["data_shift"] == report["data_shift"]
+    # predict says it too.
+    slice_file = records[0].path
+    assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(tmp_path / "p"),
+                                 str(slice_file)]) == 0
+    assert "differ from the training data" in capsys.readouterr().err

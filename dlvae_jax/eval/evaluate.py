@@ -43,7 +43,7 @@ import numpy as np
 
 from dlvae_jax import metrics
 from dlvae_jax import report as figures
-from dlvae_jax.data import lgg
+from dlvae_jax.data import lgg, shift
 from dlvae_jax.data.splits import SPLITS_FILE, read_splits
 from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.eval import inference
@@ -311,6 +311,8 @@ def evaluate(
         batch_size = int(_config_value(predictor.config, "eval", "batch_size") or 32)
     if n_overlays is None:
         n_overlays = int(_config_value(predictor.config, "eval", "overlays") or 8)
+    trained_source = shift.source_kind(_config_value(predictor.config, "data", "data_dir"))
+    scored_source = trained_source if data_dir is None else "folder"
     if data_dir is None:
         data_dir = default_data_dir(predictor.config, workdir)
     index = lgg.scan(data_dir, progress=progress)
@@ -329,11 +331,16 @@ def evaluate(
     probe_parts: dict[str, list[dict]] = {name: [] for name in PROBES}
     base_parts: list[dict] = []
     patients: list[str] = []
+    head_means: list[np.ndarray] = []
+    head_shares: list[np.ndarray] = []
     bar = tqdm(total=len(records), desc=f"evaluate {split}", unit="slice", disable=not progress, file=sys.stderr)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         images, truth = lgg.load_arrays(batch, channels)
         flair = images[..., lgg.FLAIR_CHANNEL] if channels == "all" else images
+        m, sh = shift.slice_means(flair)
+        head_means.append(m)
+        head_shares.append(sh)
         out = predictor.diagnose(images) if diagnose else predictor(images)
         masks, labels = decide(out, len(batch), flair.shape[1:], min_component)
         truth = truth.astype(bool)
@@ -366,6 +373,10 @@ def evaluate(
         report["latent"] = metrics.latent_report(np.concatenate(latent["mean"]), np.concatenate(latent["kl"]),
                                                  predictor.latent_sizes)
         report["probe"] = metrics.probe_report(cat(base_parts), {n: cat(p) for n, p in probe_parts.items()}, patients)
+    report["data_profile"] = shift.profile(np.concatenate(head_means), np.concatenate(head_shares), scored_source)
+    report["data_shift"] = shift.compare(shift.read_profile(workdir), report["data_profile"])
+    if report["data_shift"]:
+        print_warning(f"{workdir}: {report['data_shift']}")
     if calibration is not None:
         report["uncertainty"] = dict(calibration.report(), method=f"{samples} latent samples" if samples
                                      else "test-time augmentation (4 flips)")

@@ -47,7 +47,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from dlvae_jax.errors import DlvaeError
+from dlvae_jax.data import shift
+from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.outdir import output_folder
 from dlvae_jax.eval import inference
 from dlvae_jax.eval.uncertainty import predictive_entropy
@@ -192,7 +193,11 @@ def predict(
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
         bar = tqdm(total=len(paths), desc="predict", unit="slice", disable=not progress, file=sys.stderr)
         done = 0
+        head_means, head_shares = [], []
         for group, images, flair in _batches(paths, BATCH_SIZE, model_channels(predictor.config)):
+            m, sh = shift.slice_means(flair)
+            head_means.append(m)
+            head_shares.append(sh)
             result = predictor(images)
             masks, labels = decide(result, len(group), flair.shape[1:], getattr(predictor, "min_component", 0))
             tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
@@ -231,6 +236,10 @@ def predict(
             done += len(group)
             bar.update(len(group))
         bar.close()
+        message = shift.compare(shift.read_profile(workdir),
+                                shift.profile(np.concatenate(head_means), np.concatenate(head_shares), "folder"))
+        if message:
+            print_warning(f"{workdir}: {message}")
         with open(tmp / "predictions.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -54,6 +54,7 @@ from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED, LOG_FILE, SUMMARY
 from dlvae_jax.train.checkpoint import Checkpoints, abstract, best_metric
 from dlvae_jax.train.runners import make_runner
 from dlvae_jax.train.state import abstract_state, create_state
+from dlvae_jax.data import shift
 from dlvae_jax.train.step import PROBES, eval_outputs, train_step
 
 # Fields that may change when a run is resumed (logging and evaluation cadence).
@@ -368,6 +369,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: str) -> dic
                     data_dir=str(data_dir))
     if is_main:
         truncate_log(wd / LOG_FILE, start)
+        if not (wd / shift.PROFILE_FILE).exists():  # what evaluate and predict compare their slices with
+            shift.write_training_profile(wd, train_loader.records, cfg.data.data_dir)
     state = runner.put_state(state)
 
     shard = Shard.from_jax()
