@@ -296,6 +296,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_terms(tmp_path):
 
 
 def test_a_finished_run_says_so_and_keeps_its_summary(trained):
+    # Its data profile, what evaluate and predict compare their slices with, is written once.
+    profile = json.loads((trained / "data_profile.json").read_text())
+    assert profile["source"] == "synthetic phantoms" and profile["n_slices"] > 0 and profile["head_mean"] > 10
     summary = (trained / "train_summary.json").read_bytes()
     log = (trained / "log.jsonl").read_bytes()
     res = _cli("train", "--config", TINY, "--workdir", str(trained))
