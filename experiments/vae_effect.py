@@ -251,7 +251,9 @@ def render(result: dict, analysis: dict, out: Path, runs: Path | None = None) ->
         lines += ["", "## What the dlvae_cnn arm's latent carries (test folds)", "",
                   "KL of the label-free posterior (nats, mean over slices; bounds what z tells about a slice), "
                   "active units (variance of the posterior mean over slices > 0.01), and the latent probe: the "
-                  "drop in Dice per volume and in slice accuracy when the CNN's z is replaced.", "",
+                  "drop in Dice per volume and in slice accuracy when the CNN's z is replaced. A large drop with "
+                  "zeros or a prior draw but a small one with another slice's z means the CNN needs z in the "
+                  "range it was trained on but uses little of what tells one slice from another.", "",
                   "| fold | KL (nats) | active units | Dice drop: zeros / shuffled / prior | "
                   "accuracy drop: zeros / shuffled / prior |", "|---|---|---|---|---|"]
         for r in latent:
