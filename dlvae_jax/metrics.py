@@ -290,13 +290,16 @@ class SegmentationAccumulator:
         return part
 
     def _volume_hd95(self, patient: str) -> tuple[float, float]:
-        """(3D HD95, the same with the volume diagonal when exactly one volume is empty)."""
+        """(3D HD95, the same with the volume diagonal when exactly one volume
+        is empty); both NaN when both volumes are empty."""
         h, w = self._slice_shape
         n = h * w
         pairs = self._volumes[patient]
         pred = np.stack([np.unpackbits(p, count=n).reshape(h, w) for p, _ in pairs]).astype(bool)
         truth = np.stack([np.unpackbits(t, count=n).reshape(h, w) for _, t in pairs]).astype(bool)
         spacing = (1.0, *np.broadcast_to(np.asarray(self.spacing, np.float64), (2,)))
+        if not (pred.any() or truth.any()):
+            return float("nan"), float("nan")  # nothing to measure, in either mean
         value = hd95(pred, truth, spacing)
         if pred.any() != truth.any():
             return value, diagonal(pred.shape, spacing)

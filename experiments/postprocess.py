@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from dlvae_jax.eval.evaluate import json_safe
+from dlvae_jax.io import write_json, write_text
 
 MIN_SIZES = (0, 10, 25, 50, 100, 200)
 
@@ -85,8 +87,10 @@ def main(argv=None) -> int:
         test = {c: {} for c in candidates}
         for wd in folds:
             pv, pt = predictions(wd, "validation"), predictions(wd, "test")
+            fold = wd.parent.name
             for c in candidates:
-                val[c].update(dice_per_patient(pv, *c))
+                # A patient may validate several folds' models: each (fold, patient) counts once.
+                val[c].update({(fold, q): d for q, d in dice_per_patient(pv, *c).items()})
                 test[c].update(dice_per_patient(pt, *c))
             print(f"{arm} {wd.parent.name}: predicted", flush=True)
         val_mean = {c: float(np.mean(list(val[c].values()))) for c in candidates}
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
         a = np.array([test[chosen][q] for q in patients])
         b = np.array([test[default][q] for q in patients])
         result["arms"][arm] = {
-            "validation_patients": len(val[default]),
+            "validation_patients": len({q for _, q in val[default]}),
+            "validation_fold_patient_pairs": len(val[default]),
             "validation_dice": {f"tta={t} min={m}": val_mean[(t, m)] for t, m in candidates},
             "chosen": {"tta": chosen[0], "min_component": chosen[1]},
             "test_n": len(patients),
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         print(f"{arm}: chosen tta={chosen[0]} min_component={chosen[1]} (validation Dice {val_mean[chosen]:.3f} "
               f"vs {val_mean[default]:.3f}); test {a.mean():.3f} vs {b.mean():.3f} over {len(patients)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "postprocess.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_json(args.out / "postprocess.json", json_safe(result))
     lines = ["# Flip TTA and the minimum tumor component, chosen on validation folds", "", "Made by:", "", "```",
              result["command"], "```", "",
              "The models of `vae_effect.md` (one per fold and arm). Each setting is scored on the validation "
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
              "volume is chosen, then applied once to the test patients. Minimum component sizes are pixels at "
              "256x256.", ""]
     for arm, r in result["arms"].items():
-        lines += [f"## {arm}", "", f"Validation Dice per volume, mean over {r['validation_patients']} patients:", "",
+        lines += [f"## {arm}", "", f"Validation Dice per volume, mean over {r['validation_fold_patient_pairs']} "
+                  f"(fold, patient) pairs ({r['validation_patients']} patients):", "",
                   "| TTA | " + " | ".join(f"min {m}" for m in MIN_SIZES) + " |",
                   "|---|" + "---|" * len(MIN_SIZES)]
         for t in (False, True):
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
                          f"{s['ci95'][1]:+.3f}), better on {s['wins']}, worse on {s['losses']}, Wilcoxon p "
                          f"{s['wilcoxon_p']:.2g}.")
         lines.append("")
-    (args.out / "postprocess.md").write_text("\n".join(lines))
+    write_text(args.out / "postprocess.md", "\n".join(lines))
     return 0
 
 

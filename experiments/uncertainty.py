@@ -19,12 +19,18 @@ and uncertainty.json: per fold, and the mean and spread over folds.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from dlvae_jax.eval.evaluate import json_safe
+from dlvae_jax.io import write_json, write_text
+
+def _num(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
 
 METHODS = (("dlvae_cnn", "samples"), ("dlvae_cnn", "tta"), ("unet", "tta"))
 
@@ -48,16 +54,16 @@ def main(argv=None) -> int:
             wd = fold / arm
             if not (wd / "config.json").exists():
                 continue
-            report = evaluate(wd, split="test", n_overlays=0, seed=args.seed,
+            report = evaluate(wd, split="test", n_overlays=0, seed=args.seed, write=False,
                               samples=args.samples if method == "samples" else 0, tta=method == "tta")
             u = report["uncertainty"]
             rows.append({"fold": fold.name, "arm": arm, "method": u["method"], "auroc_error": u["auroc_error"],
                          "ece": u["ece"], "brier": u["brier"], "n_pixels": u["n_pixels"], "n_errors": u["n_errors"],
                          "n_patients": report["n_patients"], "dice_volume_mean": report["dice_volume_mean"]})
-            print(f"{fold.name} {arm} {u['method']}: AUROC {u['auroc_error']:.3f}, ECE {u['ece']:.4f}", flush=True)
+            print(f"{fold.name} {arm} {u['method']}: AUROC {_num(u['auroc_error'])}, ECE {u['ece']:.4f}", flush=True)
     result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "uncertainty.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_json(args.out / "uncertainty.json", json_safe(result))
 
     lines = ["# Uncertainty maps: do they point at the errors?", "", "Made by:", "", "```", result["command"], "```",
              "", "Per fold of the cross-validation in `vae_effect.md` (its models, its test patients). AUROC: the "
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
         sel = [r for r in rows if r["arm"] == arm and ((method == "tta") == ("flips" in r["method"]))]
         if not sel:
             continue
-        stat = {k: (np.mean([r[k] for r in sel]), np.std([r[k] for r in sel], ddof=1) if len(sel) > 1 else 0.0)
+        stat = {k: (np.nanmean([r[k] for r in sel]), np.nanstd([r[k] for r in sel], ddof=1) if len(sel) > 1 else 0.0)
                 for k in ("auroc_error", "ece", "brier")}
         lines.append(f"| {arm} | {sel[0]['method']} | {len(sel)} | {stat['auroc_error'][0]:.3f} "
                      f"({stat['auroc_error'][1]:.3f}) | {stat['ece'][0]:.4f} ({stat['ece'][1]:.4f}) | "
@@ -79,8 +85,8 @@ def main(argv=None) -> int:
               "AUROC | ECE | Brier |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['fold']} | {r['arm']} | {r['method']} | {r['n_patients']} | {r['n_pixels']} | "
-                     f"{r['n_errors']} | {r['auroc_error']:.3f} | {r['ece']:.4f} | {r['brier']:.4f} |")
-    (args.out / "uncertainty.md").write_text("\n".join(lines) + "\n")
+                     f"{r['n_errors']} | {_num(r['auroc_error'])} | {r['ece']:.4f} | {r['brier']:.4f} |")
+    write_text(args.out / "uncertainty.md", "\n".join(lines) + "\n")
     return 0
 
 

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dlvae_jax.eval.evaluate import json_safe
+from dlvae_jax.io import atomic_path, write_json, write_text
+
 ARMS = ("dlvae_cnn", "no_vae", "unet", "kmeans")
 PAIRS = (("dlvae_cnn", "no_vae"), ("dlvae_cnn", "unet"), ("no_vae", "unet"), ("dlvae_cnn", "kmeans"),
          ("unet", "kmeans"))
@@ -272,7 +275,7 @@ def render(result: dict, analysis: dict, out: Path, runs: Path | None = None) ->
     for p in analysis["patients"]:
         cells = " | ".join(f"{result['arms'][a]['per_patient'][p]['dice']:.3f}" for a in analysis["arms"])
         lines.append(f"| {p} | {fold_of.get(p, '')} | {cells} |")
-    (out / "vae_effect.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "vae_effect.md", "\n".join(lines) + "\n")
     _plot(result, analysis, out / "vae_effect.png")
 
 
@@ -295,7 +298,8 @@ def _plot(result: dict, analysis: dict, path: Path) -> None:
     ax.set_title(f"{len(analysis['patients'])} patients, {result['folds']}-fold CV: paired per patient", fontsize=10)
     ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -350,12 +354,11 @@ def main(argv=None) -> int:
             print(f"fold {i} {arm}: test Dice per volume mean {mean:.3f} over {len(r['per_patient'])} patients, "
                   f"{time.time() - t0:.0f} s", flush=True)
             result["wall_min"] = (time.time() - t_start) / 60
-            path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+            write_json(path, json_safe(result))
     result["wall_min"] = (time.time() - t_start) / 60
-    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     analysis = analyse(result, args.bootstrap, args.seed)
     result["analysis"] = analysis
-    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_json(path, json_safe(result))
     render(result, analysis, args.out, args.runs)
     for name, s in analysis["pairs"].items():
         print(f"{name}: mean diff {s['mean_diff']:+.3f} (95% CI {s['ci95'][0]:+.3f} to {s['ci95'][1]:+.3f}), "

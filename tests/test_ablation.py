@@ -104,12 +104,13 @@ def test_loss_variants_cover_each_vae_term_and_a_kl_sweep():
     assert sorted(t for ts in zeroed.values() for t in ts) == sorted(
         ["kl", "reconstruction", "cosine", "latent_classification"])
     assert len({cfg.kl for cfg in v.values()}) >= 5
-    # full, 4 terms removed, free bits (the cyclical KL differs in a static
-    # field and cannot be stacked), then 0.1 and 3: 0 and 1 are not repeated
+    # full, 4 terms removed, free bits, then 0.1 and 3: 0 and 1 are not repeated
     assert len(ablation.loss_variants(LossConfig.make(), (0.0, 0.1, 0.1, 1.0, 3.0))) == 8
     with pytest.raises(ValueError, match="static"):
         ablation.stack_losses([LossConfig.make(), LossConfig.make(kl_warmup_steps=5)])
-    # Variants are overrides of the base: one a cyclical base already has is kept.
-    assert "cyclical KL" not in v
-    cyc = ablation.loss_variants(LossConfig.make(schedules={"kl": "cyclical:200"}), ())
+    # Variants are overrides of the base, which keeps its schedules; a variant
+    # that changes a static field cannot be stacked and is left out.
+    cyc = ablation.loss_variants(LossConfig.make(schedules={"kl": "cyclical:200"}), (),
+                                 {**ablation.VARIANTS, "linear KL": {"schedules": {"kl": "linear:10"}}})
     assert cyc["free bits 0.25"].free_bits == 0.25 and cyc["free bits 0.25"].schedule("kl") == "cyclical:200"
+    assert "linear KL" not in cyc

@@ -459,3 +459,17 @@ def test_evaluate_and_predict_warn_when_the_data_differ_from_training(monkeypatc
     assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(tmp_path / "p"),
                                  str(slice_file)]) == 0
     assert "differ from the training data" in capsys.readouterr().err
+
+
+def test_evaluate_with_nnunet_empty_convention_writes_everything(workdir, use_fake):
+    """--empty exclude: the patient without tumor (test patient index 3) has
+    no Dice, is left out of the mean, and the plot and CSV still get written."""
+    from dlvae_jax.eval.evaluate import evaluate
+
+    use_fake("truth")
+    report = evaluate(workdir, split="test", empty="exclude")
+    rows = {r["patient"]: r for r in report["per_patient"]}
+    assert report["empty_convention"] == "exclude" and report["dice_volume_n"] == len(rows) - 1
+    assert sum(r["dice"] is None for r in rows.values()) == 1
+    assert (workdir / "eval_test" / "dice_per_patient.png").stat().st_size > 0
+    assert ",," in (workdir / "per_patient_test.csv").read_text()  # the empty Dice cell

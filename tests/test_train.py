@@ -546,3 +546,14 @@ def test_a_bad_data_source_is_one_line_before_anything_is_written(tmp_path):
         lines = [l for l in res.stderr.splitlines() if l.strip()]
         assert res.returncode == 2 and len(lines) == 1 and words in lines[0], res.stderr[-2000:]
         assert not (tmp_path / "w").exists()
+
+
+def test_fields_added_later_do_not_block_resuming_an_older_run():
+    from dlvae_jax.train.loop import _config_conflict
+
+    new = json.loads(configs.to_json(configs.load("demo")))
+    old = json.loads(json.dumps(new))
+    del old["eval"]["tta"], old["eval"]["min_component"], old["model"]["use_vae"]
+    assert _config_conflict(old, new) == []
+    new["eval"]["min_component"] = 25  # a real change still is one
+    assert _config_conflict(old, new) == ["eval.min_component"]

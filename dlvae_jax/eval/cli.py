@@ -6,6 +6,8 @@ The handlers import their modules on first use, so building the parser
 
 from __future__ import annotations
 
+import argparse
+
 import sys
 
 _CHECKPOINTS = ("best", "latest")
@@ -28,7 +30,7 @@ def _cmd_evaluate(args) -> int:
         progress=_progress(args),
         empty=args.empty,
         samples=args.samples,
-        tta=True if args.tta else None,
+        tta=args.tta,
         min_component=args.min_component,
         seed=args.seed,
     )
@@ -83,9 +85,10 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=0,
                    help="DL-VAE-CNN: also score uncertainty maps from N latent draws of the label-free posterior "
                         "(AUROC of entropy for pixel errors, ECE, reliability.png); default 0")
-    p.add_argument("--tta", action="store_true",
-                   help="predict as the mean over each slice and its 3 flips (default: the run's eval.tta), and "
-                        "score the flips' uncertainty maps unless --samples is given")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict as the mean over each slice and its 3 flips, and score the flips' uncertainty "
+                        "maps unless --samples is given; --no-tta predicts single passes (default: the run's "
+                        "eval.tta)")
     p.add_argument("--min-component", type=int, default=None, metavar="N",
                    help="remove predicted tumor components smaller than N pixels (default: the run's "
                         "eval.min_component)")

@@ -269,6 +269,7 @@ def evaluate(
     tta: bool | None = None,
     min_component: int | None = None,
     seed: int = 0,
+    write: bool = True,
 ) -> dict:
     """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
 
@@ -288,7 +289,8 @@ def evaluate(
         raise DlvaeError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0 <= samples <= 10000:
         raise DlvaeError(f"--samples must be in [0, 10000], got {samples}")
-    _check_writable(workdir)
+    if write:
+        _check_writable(workdir)
     run_id = _run_identity(workdir)
     predictor = inference.load_predictor(workdir, checkpoint)
     model_name = _config_value(predictor.config, "model", "name") or "trained"
@@ -312,9 +314,10 @@ def evaluate(
     if n_overlays is None:
         n_overlays = int(_config_value(predictor.config, "eval", "overlays") or 8)
     trained_source = shift.source_kind(_config_value(predictor.config, "data", "data_dir"))
-    scored_source = trained_source if data_dir is None else "folder"
+    own = default_data_dir(predictor.config, workdir)
+    scored_source = trained_source if data_dir is None or Path(data_dir).resolve() == own.resolve() else "folder"
     if data_dir is None:
-        data_dir = default_data_dir(predictor.config, workdir)
+        data_dir = own
     index = lgg.scan(data_dir, progress=progress)
     records, n_in_train = select_records(index, workdir, split)
     if split == "all" and n_in_train:
@@ -392,20 +395,23 @@ def evaluate(
     })
     report = json_safe(report)
 
+    if not write:
+        return report
     if _run_identity(workdir) != run_id:
         raise DlvaeError(f"{workdir}: the run was replaced (train --overwrite?) while it was being evaluated; "
                          "nothing was written, evaluate again")
     with atomic_path(workdir / f"eval_{split}", replace_dir=True) as tmp:
         (tmp / "overlays").mkdir(parents=True)
-        figures.save_dice_plot(tmp / "dice_per_patient.png",
-                               {r["patient"]: r["dice"] for r in report["per_patient"]},
+        figures.save_dice_plot(tmp / "dice_per_patient.png",  # no Dice (--empty exclude): an empty bar
+                               {r["patient"]: math.nan if r["dice"] is None else r["dice"]
+                                for r in report["per_patient"]},
                                title=f"{split}: Dice per patient volume (step {report['checkpoint_step']})")
         figures.save_confusion(tmp / "confusion.png", report["slice_counts"],
                                title=f"{split}: slice labels (step {report['checkpoint_step']})")
         if calibration is not None:
             u = report["uncertainty"]
             save_reliability(tmp / "reliability.png", u,
-                             f"{split}, {u['method']}\nAUROC of entropy for pixel errors {u['auroc_error']:.3f}")
+                             f"{split}, {u['method']}\nAUROC of entropy for pixel errors {_num(u['auroc_error'], 3)}")
         for record, f, t, m, d in kept:
             figures.save_overlay(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}.png", f, t, m,
                                  title=f"{record.patient} slice {record.slice_number}: Dice {d:.2f}")

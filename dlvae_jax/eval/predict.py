@@ -236,8 +236,9 @@ def predict(
             done += len(group)
             bar.update(len(group))
         bar.close()
-        message = shift.compare(shift.read_profile(workdir),
-                                shift.profile(np.concatenate(head_means), np.concatenate(head_shares), "folder"))
+        trained = shift.read_profile(workdir)  # files of any origin: only their intensities are compared
+        message = shift.compare(trained, shift.profile(np.concatenate(head_means), np.concatenate(head_shares),
+                                                       (trained or {}).get("source", "folder")))
         if message:
             print_warning(f"{workdir}: {message}")
         with open(tmp / "predictions.jsonl", "w") as f:

@@ -104,8 +104,9 @@ VARIANTS = {
     "no cosine (Eq. 8)": {"weights": {"cosine": 0.0}},
     "no latent classifier (Eq. 9)": {"weights": {"latent_classification": 0.0}},
     "free bits 0.25": {"free_bits": 0.25},
-    "cyclical KL": {"schedules": {"kl": "cyclical:200"}},
 }
+# A variant that changes a schedule (e.g. {"schedules": {"kl": "cyclical:200"}})
+# changes a static field: it cannot share the stacked step, train it apart.
 
 
 def loss_variants(base: LossConfig, kl_sweep: Sequence[float] = (0.1, 0.3, 3.0, 10.0),

@@ -76,6 +76,10 @@ def optimizer_from_config(cfg):
 def check_config(cfg) -> None:
     """Faults a run would otherwise hit minutes later, reported up front."""
     configs.validate(cfg, "config")
+    try:
+        loss_from_config(cfg)
+    except ValueError as err:
+        raise DlvaeError(f"loss: {err}") from None
     size, levels = int(cfg.data.image_size), 0
     for key in ("levels", "vae_levels"):
         if key in cfg.model:

@@ -79,8 +79,16 @@ def _flat(d: dict, prefix=()) -> dict:
     return out
 
 
+# Fields added after runs were written, with the value that gives the behaviour
+# those runs had: absent from an old config.json, they are not a conflict.
+ADDED_WITH_DEFAULT = {("eval", "tta"): False, ("eval", "min_component"): 0, ("model", "use_vae"): True}
+
+
 def _config_conflict(old: dict, new: dict) -> list[str]:
     a, b = _flat(old), _flat(new)
+    for key, value in ADDED_WITH_DEFAULT.items():
+        if key not in a and b.get(key) == value:
+            a[key] = value
     return [".".join(k) for k in sorted(set(a) | set(b))
             if k not in RESUMABLE and k != ("config_name",) and _norm(k, a.get(k)) != _norm(k, b.get(k))]
 

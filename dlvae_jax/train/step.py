@@ -157,6 +157,9 @@ def eval_outputs(variables: dict[str, Any], batch: dict[str, jax.Array], *, mode
     with the CNN's z replaced by zeros, by the z of another slice of the
     batch (rolled by one row), or by a draw of the prior N(0, I) (keyed by
     `eval_key` and the row). A latent the CNN does not use changes nothing.
+    The shuffled and prior probes depend on how the slices are batched (a
+    slice gets its neighbour's z, a row's draw), so they are diagnostics, not
+    figures to compare across batch sizes.
     """
     del axis_name  # inference needs no cross-device reduction
     key = jax.random.wrap_key_data(eval_key) if not jax.dtypes.issubdtype(eval_key.dtype, jax.dtypes.prng_key) \
