@@ -72,7 +72,8 @@ def _alone(opt: str):
     return alone
 
 
-@pytest.mark.parametrize("opt,mode", [("sgd", "vmap"), ("adamw", "vmap"), ("sgd", "map")])
+# vmap (slow on XLA:CPU: grouped convolutions) once; the optimizer state is checked under map.
+@pytest.mark.parametrize("opt,mode", [("sgd", "vmap"), ("adamw", "map")])
 def test_stacked_variants_equal_each_variant_trained_alone(opt, mode):
     model, tx, prep, augment, variants, state0 = _setup(opt)
     batches = _batches(3)
