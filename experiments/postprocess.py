@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
+    if not any(args.runs.glob("fold*/*/config.json")):
+        p.error(f"--runs {args.runs}: no fold*/<arm> runs (run experiments/vae_effect.py first)")
     ve = _vae_effect()
     candidates = list(itertools.product((False, True), MIN_SIZES))
     result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "arms": {}}
