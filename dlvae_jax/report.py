@@ -49,6 +49,22 @@ def save_png(path: Path, image: np.ndarray, **imsave_kwargs) -> None:
     Path(path).write_bytes(buf.getvalue())
 
 
+def save_map(path: Path, image_HxW: np.ndarray, *, cmap: str, vmin: float, vmax: float, label: str,
+             title: str = "") -> None:
+    """Writes a float map as PNG with a colour bar (`label` on it), the image at about its own size."""
+    plt = _pyplot()
+    h, w = np.shape(image_HxW)
+    scale = max(1.0, 256 / max(h, w))  # small maps are drawn larger, so the bar and text stay legible
+    fig, ax = plt.subplots(figsize=(w * scale / 100 + 1.3, h * scale / 100 + 0.5))
+    shown = ax.imshow(image_HxW, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=8)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
 
 
 def _pyplot():

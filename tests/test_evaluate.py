@@ -63,6 +63,10 @@ class FakePredictor:
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         flair_BxHxW = self._flair(images)
+        if self.mode == "bright":  # any image: the bright pixels, called tumor when there are any
+            prob = flair_BxHxW / 255.0
+            return {"prob_BxHxW": prob.astype(np.float32),
+                    "tumor_prob_B": (prob >= 0.5).any(axis=(1, 2)).astype(np.float32)}
         truth = np.stack([self._truth(f) for f in flair_BxHxW])
         has = truth.any(axis=(1, 2))
         if self.mode == "truth":
@@ -336,7 +340,7 @@ def test_predict_bad_inputs(monkeypatch, tmp_path, workdir, data_dir, use_fake, 
     empty.mkdir()
     out = tmp_path / "pred"
     for bad, words in [(tmp_path / "nope_1.tif", "no such file"), (mask, "is a mask"),
-                       (notes, "not a slice TIFF"), (empty, "no slice TIFFs")]:
+                       (notes, "not a slice image"), (empty, "no slice images")]:
         rc = run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet",
                                    str(patient), str(bad)])
         err = capsys.readouterr().err.strip()
@@ -362,6 +366,122 @@ def test_predict_bad_inputs(monkeypatch, tmp_path, workdir, data_dir, use_fake, 
     assert run_cli(monkeypatch, [*argv, "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert run_cli(monkeypatch, [*argv, "--out", str(out), "--overwrite"]) == 0
+
+
+def _decided(fake, flair_HxW: np.ndarray) -> np.ndarray:
+    """The fake's mask for one slice, decided by hand: prob >= 0.5 where the class head says tumor."""
+    ref = fake(flair_HxW[None])
+    return ((ref["prob_BxHxW"][0] >= 0.5) & (ref["tumor_prob_B"][0] >= 0.5)).astype(np.uint8)
+
+
+def test_predict_nifti_volume_keeps_its_affine(monkeypatch, tmp_path, workdir, data_dir, use_fake):
+    """A NIfTI volume of 3 slices (non-trivial affine, int16 on disk, 8-bit
+    range): each axial slice data[:, :, k] is predicted; the mask, probability
+    and entropy volumes have the input's shape and affine, and the mask is the
+    slice-by-slice prediction."""
+    import nibabel
+
+    fake = use_fake("truth")
+    patient = sorted(p for p in data_dir.iterdir() if p.is_dir())[0]
+    flair, _ = lgg.load_arrays([r for r in lgg.scan(data_dir).records if r.path.parent == patient][:3])
+    volume = np.stack(list(flair), axis=-1).astype(np.int16) * 3 + 7  # [X, Y, 3], not 8-bit: scaled by the rule
+    affine = np.array([[0.0, -0.9, 0, 120.5], [1.1, 0, 0, -98.0], [0, 0, 5.0, -40.0], [0, 0, 0, 1]])
+    src = tmp_path / "scans" / "sub-01_flair.nii.gz"
+    src.parent.mkdir()
+    nibabel.save(nibabel.Nifti1Image(volume, affine), str(src))
+    affine = nibabel.load(str(src)).affine  # as stored: float32 in the header
+    assert np.allclose(affine[0, 1], -0.9)
+    expected_flair = np.clip(np.rint((volume - volume.min()) * 255.0 / (np.percentile(volume, 99.5) - volume.min())),
+                             0, 255).astype(np.uint8)
+    fake.truth.update({np.ascontiguousarray(expected_flair[:, :, k]).tobytes(): fake._truth(flair[k]) for k in range(3)})
+    out = tmp_path / "pred"
+    assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet", str(src)]) == 0
+    case = out / "sub-01_flair"
+    mask_img = nibabel.load(str(case / "sub-01_flair_mask.nii.gz"))
+    np.testing.assert_array_equal(mask_img.affine, affine)
+    assert mask_img.shape == volume.shape and mask_img.get_data_dtype() == np.uint8
+    want = np.stack([_decided(fake, expected_flair[:, :, k]) for k in range(3)], axis=-1)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(np.asarray(mask_img.dataobj), want)
+    prob = nibabel.load(str(case / "sub-01_flair_prob.nii.gz"))
+    np.testing.assert_array_equal(prob.affine, affine)
+    np.testing.assert_allclose(prob.get_fdata()[:, :, 1], fake(expected_flair[None, :, :, 1])["prob_BxHxW"][0])
+    entropy = nibabel.load(str(case / "sub-01_flair_entropy.nii.gz")).get_fdata()
+    p = prob.get_fdata()
+    np.testing.assert_allclose(entropy, (special.entr(p) + special.entr(1 - p)) / math.log(2), atol=1e-6)
+    # The per-slice masks in the dataset's convention, numbered from 1.
+    for k in range(3):
+        np.testing.assert_array_equal(tifffile.imread(case / f"sub-01_flair_{k + 1}_mask.tif"), want[:, :, k] * 255)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in rows] == [f"{src}#{k}" for k in (1, 2, 3)]
+
+
+def test_predict_any_slice_name_writes_a_volume_that_round_trips(monkeypatch, tmp_path, workdir, data_dir, use_fake):
+    """brain.tif (a slice under any name) and a PNG copy are predicted like the
+    dataset's file; a folder's volumes stack its slices with an identity affine
+    beside the FLAIR they came from, and predicting that image volume gives the
+    same masks."""
+    import shutil
+
+    import nibabel
+    from PIL import Image
+
+    fake = use_fake("noisy")
+    patient = sorted(p for p in data_dir.iterdir() if p.is_dir())[1]
+    first = sorted(patient.glob("*_2.tif"))[0]
+    own = tmp_path / "mine"
+    own.mkdir()
+    shutil.copy(first, own / "brain.tif")
+    Image.fromarray(tifffile.imread(first)).save(own / "brain2.png")
+    out = tmp_path / "pred"
+    assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet",
+                                 str(own / "brain.tif"), str(own / "brain2.png")]) == 0
+    want = _decided(fake, tifffile.imread(first)[:, :, 1])
+    for stem in ("brain", "brain2"):
+        np.testing.assert_array_equal(tifffile.imread(out / "mine" / f"{stem}_mask.tif"), want * 255)
+    vol = nibabel.load(str(out / "mine" / "mine_mask.nii.gz"))
+    np.testing.assert_array_equal(vol.affine, np.eye(4))
+    np.testing.assert_array_equal(np.asarray(vol.dataobj), np.stack([want, want], axis=-1))
+
+    # A patient folder -> image and mask volumes -> the image volume predicted again: the same masks.
+    first_pass = tmp_path / "first"
+    assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(first_pass), "--quiet",
+                                 str(patient)]) == 0
+    image = first_pass / patient.name / f"{patient.name}_image.nii.gz"
+    flair, _ = lgg.load_arrays([r for r in lgg.scan(data_dir).records if r.path.parent == patient])
+    np.testing.assert_array_equal(np.asarray(nibabel.load(str(image)).dataobj), np.stack(list(flair), axis=-1))
+    second = tmp_path / "second"
+    assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(second), "--quiet",
+                                 str(image)]) == 0
+    a = nibabel.load(str(first_pass / patient.name / f"{patient.name}_mask.nii.gz"))
+    b = nibabel.load(str(second / f"{patient.name}_image" / f"{patient.name}_image_mask.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_array_equal(a.affine, b.affine)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_predict_16_bit_slices_are_scaled_by_the_documented_rule(monkeypatch, tmp_path, workdir, use_fake, suffix):
+    from PIL import Image
+
+    fake = use_fake("bright")
+    rng = np.random.default_rng(0)
+    image = rng.integers(300, 4000, size=(40, 52)).astype(np.uint16)
+    image[10:20, 10:30] = 60000  # a bright blob above the 99.5th percentile: clipped to 255
+    path = tmp_path / "scan" / f"t2{suffix}"
+    path.parent.mkdir()
+    if suffix == ".png":
+        Image.fromarray(image).save(path)
+        assert Image.open(path).mode.startswith("I")
+    else:
+        tifffile.imwrite(path, image)
+    x = image.astype(np.float64)
+    hi = np.percentile(x, 99.5)
+    scaled = np.clip(np.rint((x - x.min()) * 255.0 / (hi - x.min())), 0, 255).astype(np.uint8)
+    out = tmp_path / "pred"
+    assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet", str(path)]) == 0
+    got = tifffile.imread(out / "scan" / "t2_mask.tif")
+    np.testing.assert_array_equal(got, _decided(fake, scaled) * 255)
+    assert got[15, 20] == 255 and (got == 0).mean() > 0.5
 
 
 def test_predict_three_channel_run_refuses_gray_slice(monkeypatch, tmp_path, workdir, use_fake, capsys):

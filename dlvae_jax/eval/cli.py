@@ -101,15 +101,22 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "predict",
-        help="masks, probabilities, overlays (and uncertainty maps) for slice TIFFs or patient folders",
-        description="Predict tumor masks for slice TIFFs (<name>_<n>.tif: 8-bit FLAIR, or 3 channels with "
-                    "FLAIR second) or patient folders of them, with a trained workdir's model. Writes into --out, "
-                    "per slice, <folder>/<stem>_mask.tif (0/255, the dataset's convention), _prob.npy and "
-                    "_overlay.png, and predictions.jsonl; with --samples N (DL-VAE-CNN only) also the mean "
-                    "probability and its entropy (the uncertainty map) over N latent samples. --out is built "
-                    "beside its place and renamed in at the end.",
+        help="masks, probabilities, uncertainty and overlays for slice images, patient folders or NIfTI volumes",
+        description="Predict tumor masks with a trained workdir's model. INPUT is a slice image of any name "
+                    "(TIFF or PNG; one channel is FLAIR, three are pre-contrast, FLAIR, post-contrast), a folder "
+                    "of them (a patient; *_mask.* files are skipped), or a NIfTI volume (.nii, .nii.gz; each "
+                    "axial slice data[:, :, k] is predicted). Intensities: 8-bit data is used as it is; other "
+                    "data (16-bit, float) is mapped linearly, minimum to 0 and 99.5th percentile to 255, "
+                    "clipped, per slice file or per NIfTI volume. Each volume, folder, or the loose files of one "
+                    "folder is a case; --out gets, per case, <case>/<case>_mask.nii.gz (0/1), _prob.nii.gz and "
+                    "_entropy.nii.gz with the input's affine (identity, with <case>_image.nii.gz beside them, "
+                    "for slice files), and per slice <stem>_mask.tif (0/255, the dataset's convention), "
+                    "_prob.npy and _overlay.png; plus predictions.jsonl. With --samples N (DL-VAE-CNN only) "
+                    "also the mean probability and its entropy over N latent samples, with colour bars. --out "
+                    "is built beside its place and renamed in at the end.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="slice TIFF (<name>_<n>.tif) or folder of them")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="slice image (.tif, .tiff, .png), folder of them, or NIfTI volume (.nii, .nii.gz)")
     p.add_argument("--workdir", required=True, help="training folder to load the model from")
     p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
     p.add_argument("--checkpoint", choices=_CHECKPOINTS, default="best", help="checkpoint to load (default best)")

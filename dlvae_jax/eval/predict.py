@@ -1,38 +1,52 @@
-"""`dlvae-jax predict`: tumor masks for new slices from a trained workdir.
+"""`dlvae-jax predict`: tumor masks for new slices and volumes from a trained workdir.
 
-An input is a slice TIFF named like the dataset's images, ``<stem>_<n>.tif``
-((H, W, 3) uint8 with FLAIR in channel 1, or (H, W) uint8 FLAIR), or a folder
-of them (a patient folder; ``*_mask.tif`` files in it are ignored); a run
-trained on all three channels needs the (H, W, 3) form. Masks are
-decided as in `dlvae-jax evaluate` (`dlvae_jax.metrics.decide`): the
-class head's ``tumor_prob >= 0.5`` says whether there is a tumor, the pixel
-map's ``prob >= 0.5`` where.
+Inputs (`dlvae_jax.eval.images`): slice images of any name (TIFF or PNG,
+8 or 16 bits, one channel = FLAIR or three = pre-contrast, FLAIR,
+post-contrast), folders of them (a patient folder; ``*_mask.*`` files are
+ignored), and NIfTI volumes (``.nii``/``.nii.gz``, each axial slice
+``data[:, :, k]`` predicted). Data that is not 8-bit is scaled to 0..255,
+minimum to 0 and 99.5th percentile to 255 (per slice file; per NIfTI
+volume). Each NIfTI file, each folder and the loose files of one folder is
+a *case*. Masks are decided as in `dlvae-jax evaluate`
+(`dlvae_jax.metrics.decide`): the class head's ``tumor_prob >= 0.5`` says
+whether there is a tumor, the pixel map's ``prob >= 0.5`` where.
 
-For each slice ``DIR/<folder>/<stem>_<n>`` (``<folder>`` is the name of the
-input's own folder, so a patient keeps its folder) gets:
+Per case, in ``DIR/<case>/``:
 
-* ``..._mask.tif``: the mask in the dataset's convention, uint8 {0, 255};
-* ``..._prob.npy``: float32 [H, W] pixel tumor probability, before the
-  class-head gate (so it can be thresholded differently);
-* ``..._overlay.png``: FLAIR with the predicted outline in red.
+* ``<case>_mask.nii.gz`` (uint8 {0, 1}), ``<case>_prob.nii.gz`` (float32
+  pixel tumor probability before the class-head gate) and
+  ``<case>_entropy.nii.gz`` (float32 binary entropy in bits of the
+  probability, of the samples' mean with ``--samples``): volumes with the
+  input's shape, affine and header for a NIfTI input; for slice files the
+  slices stacked as ``data[row, column, k]`` with an identity affine, beside
+  ``<case>_image.nii.gz`` (the FLAIR it was predicted from), so a viewer shows
+  the mask on its image. Slices of different sizes in one case get no volume
+  (a warning says so);
 
-With ``--samples N`` (N stochastic predictions: latent samples for
-DL-VAE-CNN), also:
+and per slice ``<stem>`` (a file's own stem; ``<case>_<k>`` from 1 for a volume):
 
-* ``..._mean.npy`` / ``..._mean.png``: float32 [H, W] mean probability over
-  the samples (PNG: gray, 0..1 -> 0..255); the mean mask is ``mean >= 0.5``,
-  not gated by the class head (the samples carry no slice label);
-* ``..._entropy.npy`` / ``..._entropy.png``: per-pixel predictive entropy of
-  the mean probability in bits, ``-(p log2 p + (1-p) log2 (1-p))`` with
-  0 log 0 = 0, float32 in [0, 1] (PNG: magma colormap over [0, 1]).
+* ``<stem>_mask.tif``: the mask in the dataset's convention, uint8 {0, 255};
+* ``<stem>_prob.npy``: float32 [H, W], the pixel probability;
+* ``<stem>_overlay.png``: FLAIR with the predicted outline in red.
 
-``DIR/predictions.jsonl`` has one line per slice: input path, output stem,
-tumor_prob, tumor, mask_pixels, height, width (and mean_mask_pixels,
-entropy_mean_bits with samples). DIR follows `dlvae_jax.outdir.output_folder`:
-built beside its final place and renamed into it at the end; an existing
-DIR must be empty, or (with --overwrite) an earlier output of dlvae-jax; it
-may not be, hold or sit in an input, nor be or hold the workdir. Sampling
-is deterministic in (inputs, --seed).
+With ``--samples N`` (N latent draws of the label-free posterior; DL-VAE-CNN
+only, other models are refused), also ``<case>_mean.nii.gz`` and, per slice:
+
+* ``<stem>_mean.npy`` / ``<stem>_mean.png``: float32 [H, W] mean probability
+  over the samples; the mean mask is ``mean >= 0.5``, not gated by the class
+  head (the samples carry no slice label);
+* ``<stem>_entropy.npy`` / ``<stem>_entropy.png``: per-pixel predictive entropy
+  of the mean probability in bits, ``-(p log2 p + (1-p) log2 (1-p))`` with
+  0 log 0 = 0, in [0, 1]. The PNGs carry a colour bar.
+
+``DIR/predictions.jsonl`` has one line per slice: input (a file, or
+``<volume>#<k>``), case, output stem, tumor_prob, tumor, mask_pixels,
+height, width (and mean_mask_pixels, entropy_mean_bits with samples). DIR
+follows `dlvae_jax.outdir.output_folder`: built beside its final place and
+renamed into it at the end; an existing DIR must be empty, or (with
+--overwrite) an earlier output of dlvae-jax; it may not be, hold or sit in
+an input, nor be or hold the workdir. Sampling is deterministic in
+(inputs, --seed).
 """
 
 from __future__ import annotations
@@ -40,7 +54,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -50,86 +63,14 @@ import numpy as np
 from dlvae_jax.data import shift
 from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.outdir import output_folder
+from dlvae_jax.eval import images as imageio
 from dlvae_jax.eval import inference
 from dlvae_jax.eval.uncertainty import predictive_entropy
 from dlvae_jax.eval.evaluate import model_channels
 from dlvae_jax.metrics import decide
-from dlvae_jax.report import overlay_rgb, save_png
+from dlvae_jax.report import overlay_rgb, save_map, save_png
 
 BATCH_SIZE = 16
-_SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
-_MASK_RE = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
-
-
-
-
-def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Slice TIFFs named by the inputs, in input order (a folder's by slice number), each once.
-
-    Raises DlvaeError naming the first input that is missing, a mask, not a
-    slice TIFF, or a folder without slice TIFFs; or two different slices
-    that would write the same output names.
-    """
-    found: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            slices = [f for f in path.iterdir()
-                      if f.is_file() and _SLICE_RE.match(f.name) and not _MASK_RE.search(f.name)]
-            if not slices:
-                raise DlvaeError(f"{path}: folder holds no slice TIFFs (<name>_<n>.tif)")
-            found.extend(sorted(slices, key=lambda f: (int(_SLICE_RE.match(f.name)["n"]), f.name)))
-        elif path.is_file():
-            if _MASK_RE.search(path.name):
-                raise DlvaeError(f"{path}: is a mask; pass the image slice (<name>_<n>.tif)")
-            if not _SLICE_RE.match(path.name):
-                raise DlvaeError(f"{path}: not a slice TIFF (expected <name>_<n>.tif)")
-            found.append(path)
-        elif path.exists():
-            raise DlvaeError(f"{path}: not a file or folder")
-        else:
-            raise DlvaeError(f"{path}: no such file or folder")
-    unique: list[Path] = []
-    names: dict[str, Path] = {}
-    for f in found:
-        key = output_stem(f)
-        if key in names:
-            if names[key].resolve() == f.resolve():
-                continue
-            raise DlvaeError(f"{f}: writes the same outputs ({key}) as {names[key]}; rename one")
-        names[key] = f
-        unique.append(f)
-    return unique
-
-
-def output_stem(path: Path) -> str:
-    """Relative output prefix of a slice: "<its folder's name>/<file stem>"."""
-    return f"{path.resolve().parent.name}/{Path(path.name).stem}"
-
-
-def read_slice(path: Path, channels: str = "flair") -> tuple[np.ndarray, np.ndarray]:
-    """(model input, FLAIR) of a slice TIFF, both uint8: input [H, W] for channels "flair",
-    [H, W, 3] for "all" (which needs a three-channel image); FLAIR [H, W]. Raises DlvaeError naming the file."""
-    import tifffile
-
-    try:
-        image = tifffile.imread(path)
-    except Exception as err:  # tifffile raises many types for corrupt files
-        raise DlvaeError(f"{path}: unreadable TIFF ({type(err).__name__}: {err})") from None
-    if image.dtype != np.uint8:
-        raise DlvaeError(f"{path}: dtype is {image.dtype}, expected uint8")
-    if image.ndim == 3 and image.shape[2] == 3:
-        flair = np.ascontiguousarray(image[:, :, 1])
-    elif image.ndim == 2:
-        flair = image
-    else:
-        raise DlvaeError(f"{path}: shape is {image.shape}, expected (H, W, 3) or (H, W)")
-    if channels != "all":
-        return flair, flair
-    if image.ndim != 3:
-        raise DlvaeError(f"{path}: has one channel; the model was trained on all three "
-                         "(pre-contrast, FLAIR, post-contrast)")
-    return image, flair
 
 
 def _tiff_bytes(mask: np.ndarray) -> bytes:
@@ -148,22 +89,50 @@ def _check_out(out: Path, workdir: Path) -> None:
         raise DlvaeError(f"{out}: holds the training folder {workdir}; choose another --out")
 
 
-def _batches(paths: list[Path], size: int, channels: str) -> Iterator[tuple[list[Path], np.ndarray, np.ndarray]]:
-    """Consecutive slices of one H x W, at most `size` at a time:
-    (paths, model input uint8 [B, H, W] or [B, H, W, 3], FLAIR uint8 [B, H, W])."""
-    group: list[Path] = []
+def _batches(case: imageio.Case, size: int, channels: str
+             ) -> Iterator[tuple[list[tuple[str, str]], np.ndarray, np.ndarray]]:
+    """Consecutive slices of one case and one H x W, at most `size` at a time:
+    ([(input, stem)], model input uint8 [B, H, W] or [B, H, W, 3], FLAIR uint8 [B, H, W])."""
+    names: list[tuple[str, str]] = []
     images: list[np.ndarray] = []
     flairs: list[np.ndarray] = []
-    for p in paths:
-        image, flair = read_slice(p, channels)
+    for source, stem, image, flair in imageio.iter_case(case, channels):
         if images and (image.shape != images[0].shape or len(images) == size):
-            yield group, np.stack(images), np.stack(flairs)
-            group, images, flairs = [], [], []
-        group.append(p)
+            yield names, np.stack(images), np.stack(flairs)
+            names, images, flairs = [], [], []
+        names.append((source, stem))
         images.append(image)
         flairs.append(flair)
     if images:
-        yield group, np.stack(images), np.stack(flairs)
+        yield names, np.stack(images), np.stack(flairs)
+
+
+class _Volumes:
+    """A case's per-slice maps, stacked into NIfTI volumes when the case ends."""
+
+    def __init__(self, case: imageio.Case):
+        self.case = case
+        self.maps: dict[str, list[np.ndarray]] = {}
+
+    def add(self, **maps: np.ndarray) -> None:
+        for name, value in maps.items():
+            self.maps.setdefault(name, []).append(value)
+
+    def write(self, folder: Path) -> bool:
+        """Writes ``<case>_<name>.nii.gz`` for each map; False (nothing written) when sizes differ."""
+        shapes = {m.shape for m in self.maps["mask"]}
+        if len(shapes) != 1:
+            print_warning(f"{self.case.name}: slices of {len(shapes)} sizes ({', '.join(f'{h}x{w}' for h, w in sorted(shapes))}); "
+                          "no NIfTI volumes written for this case")
+            return False
+        like = None
+        if self.case.kind == "nifti":
+            like = imageio.read_nifti(self.case.paths[0])
+        for name, slices in self.maps.items():
+            if name == "image" and like is not None:
+                continue
+            imageio.write_nifti(folder / f"{self.case.name}_{name}.nii.gz", np.stack(slices, axis=-1), like)
+        return True
 
 
 def predict(
@@ -183,58 +152,70 @@ def predict(
     workdir, out = Path(workdir), Path(out)
     if samples < 0:
         raise DlvaeError(f"--samples must be at least 0, got {samples}")
-    paths = collect_inputs(inputs)
+    cases = imageio.collect_cases(inputs)
     predictor = inference.load_predictor(workdir, checkpoint)
     if samples and not getattr(predictor, "can_sample", True):
         raise DlvaeError(f"--samples: the {predictor.config.model.name} model in {workdir} is deterministic "
                          "(no latent to sample), so every sample would be the same prediction; drop --samples")
+    channels = model_channels(predictor.config)
     rows: list[dict] = []
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
-        bar = tqdm(total=len(paths), desc="predict", unit="slice", disable=not progress, file=sys.stderr)
+        bar = tqdm(total=sum(len(c.paths) for c in cases if c.kind == "slices") or None, desc="predict",
+                   unit="slice", disable=not progress, file=sys.stderr)
         done = 0
         head_means, head_shares = [], []
-        for group, images, flair in _batches(paths, BATCH_SIZE, model_channels(predictor.config)):
-            m, sh = shift.slice_means(flair)
-            head_means.append(m)
-            head_shares.append(sh)
-            result = predictor(images)
-            masks, labels = decide(result, len(group), flair.shape[1:], getattr(predictor, "min_component", 0))
-            tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
-            prob = np.asarray(result["prob_BxHxW"], np.float32)
-            mean = None
-            if samples:
-                # The batch's first slice index joins the seed so each batch draws fresh noise.
-                mean = np.asarray(predictor.sample_mean(images, samples, seed + done), np.float32)
-                if mean.shape != flair.shape:
-                    raise DlvaeError(f"predictor.sample_mean returned {mean.shape}, expected {flair.shape}")
-            for j, path in enumerate(group):
-                stem = output_stem(path)
-                (tmp / stem).parent.mkdir(exist_ok=True)
-                base = tmp / stem
-                (base.parent / f"{base.name}_mask.tif").write_bytes(_tiff_bytes(masks[j].astype(np.uint8) * 255))
-                np.save(base.parent / f"{base.name}_prob.npy", prob[j])
-                save_png(base.parent / f"{base.name}_overlay.png", overlay_rgb(flair[j], masks[j]))
-                row = {
-                    "input": str(path),
-                    "output": stem,
-                    "tumor_prob": float(tumor_prob[j]),
-                    "tumor": bool(labels[j]),
-                    "mask_pixels": int(masks[j].sum()),
-                    "height": int(flair.shape[1]),
-                    "width": int(flair.shape[2]),
-                }
-                if mean is not None:
-                    entropy = predictive_entropy(mean[j])
-                    np.save(base.parent / f"{base.name}_mean.npy", mean[j])
-                    np.save(base.parent / f"{base.name}_entropy.npy", entropy)
-                    save_png(base.parent / f"{base.name}_mean.png", mean[j], cmap="gray", vmin=0.0, vmax=1.0)
-                    save_png(base.parent / f"{base.name}_entropy.png", entropy, cmap="magma", vmin=0.0, vmax=1.0)
-                    row["mean_mask_pixels"] = int((mean[j] >= 0.5).sum())
-                    row["entropy_mean_bits"] = float(entropy.mean())
-                rows.append(row)
-            done += len(group)
-            bar.update(len(group))
+        for case in cases:
+            folder = tmp / case.name
+            folder.mkdir(exist_ok=True)
+            volumes = _Volumes(case)
+            for names, images, flair in _batches(case, BATCH_SIZE, channels):
+                m, sh = shift.slice_means(flair)
+                head_means.append(m)
+                head_shares.append(sh)
+                result = predictor(images)
+                masks, labels = decide(result, len(names), flair.shape[1:], getattr(predictor, "min_component", 0))
+                tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
+                prob = np.asarray(result["prob_BxHxW"], np.float32)
+                mean = None
+                if samples:
+                    # The count of slices before this batch joins the seed so each batch draws fresh noise.
+                    mean = np.asarray(predictor.sample_mean(images, samples, seed + done), np.float32)
+                    if mean.shape != flair.shape:
+                        raise DlvaeError(f"predictor.sample_mean returned {mean.shape}, expected {flair.shape}")
+                for j, (source, stem) in enumerate(names):
+                    mask = masks[j].astype(np.uint8)
+                    (folder / f"{stem}_mask.tif").write_bytes(_tiff_bytes(mask * 255))
+                    np.save(folder / f"{stem}_prob.npy", prob[j])
+                    save_png(folder / f"{stem}_overlay.png", overlay_rgb(flair[j], masks[j]))
+                    row = {
+                        "input": source,
+                        "case": case.name,
+                        "output": f"{case.name}/{stem}",
+                        "tumor_prob": float(tumor_prob[j]),
+                        "tumor": bool(labels[j]),
+                        "mask_pixels": int(masks[j].sum()),
+                        "height": int(flair.shape[1]),
+                        "width": int(flair.shape[2]),
+                    }
+                    if mean is not None:
+                        entropy = predictive_entropy(mean[j])
+                        np.save(folder / f"{stem}_mean.npy", mean[j])
+                        np.save(folder / f"{stem}_entropy.npy", entropy)
+                        save_map(folder / f"{stem}_mean.png", mean[j], cmap="gray", vmin=0.0, vmax=1.0,
+                                 label="mean tumor probability", title=f"{stem}: mean of {samples} samples")
+                        save_map(folder / f"{stem}_entropy.png", entropy, cmap="magma", vmin=0.0, vmax=1.0,
+                                 label="predictive entropy (bits)", title=f"{stem}: uncertainty, {samples} samples")
+                        row["mean_mask_pixels"] = int((mean[j] >= 0.5).sum())
+                        row["entropy_mean_bits"] = float(entropy.mean())
+                        volumes.add(mean=mean[j])
+                    else:
+                        entropy = predictive_entropy(prob[j])
+                    volumes.add(mask=mask, prob=prob[j], entropy=np.asarray(entropy, np.float32), image=flair[j])
+                    rows.append(row)
+                done += len(names)
+                bar.update(len(names))
+            volumes.write(folder)
         bar.close()
         trained = shift.read_profile(workdir)  # files of any origin: only their intensities are compared
         message = shift.compare(trained, shift.profile(np.concatenate(head_means), np.concatenate(head_shares),
