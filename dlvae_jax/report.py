@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -107,6 +108,61 @@ def save_overlay(
     plt.close(fig)
 
 
+OUTLINE_LEGEND = (("truth outline", (0, 1, 0)), ("prediction outline", (1, 0, 0)), ("both outlines", (1, 1, 0)))
+
+
+def overlay_picks(dice: Sequence[float], has_tumor: Sequence[bool], fp_pixels: Sequence[int]) -> list[tuple[int, str]]:
+    """The slices of one patient worth looking at, as (index, label).
+
+    Among slices with tumor in truth: the best, the median (the lower one of
+    an even count) and the worst Dice, ties to the earlier slice; then the
+    slice with the most false-positive pixels, when there is any. A slice
+    picked twice appears once, its labels joined.
+    """
+    tumor = [i for i, t in enumerate(has_tumor) if t and not math.isnan(float(dice[i]))]
+    by_dice = sorted(tumor, key=lambda i: (float(dice[i]), i))
+    picks: list[tuple[int, str]] = []
+    if by_dice:
+        best = max(tumor, key=lambda i: (float(dice[i]), -i))
+        picks += [(best, "best"), (by_dice[(len(by_dice) - 1) // 2], "median"), (by_dice[0], "worst")]
+    if len(fp_pixels) and max(fp_pixels) > 0:
+        picks.append((int(np.argmax(fp_pixels)), "largest false positive"))
+    merged: dict[int, list[str]] = {}
+    for i, label in picks:
+        if label not in merged.setdefault(i, []):
+            merged[i].append(label)
+    return [(i, ", ".join(labels)) for i, labels in merged.items()]
+
+
+def save_overlay_sheet(
+    path: str | Path,
+    panels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
+    *,
+    title: str = "",
+    dpi: int = 100,
+) -> None:
+    """Writes one PNG of FLAIR slices side by side, each with truth and predicted
+    outlines and its own title (panels: flair, truth, prediction, title), and
+    a legend of the outline colours."""
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(2.9 * n + 0.2, 3.6), squeeze=False)
+    for ax, (flair, truth, pred, name) in zip(axes[0], panels):
+        ax.imshow(overlay_rgb(flair, pred, truth), interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+    for ax in axes[0]:
+        ax.axis("off")
+    fig.legend(handles=[Patch(facecolor=c, edgecolor="black", label=name) for name, c in OUTLINE_LEGEND],
+               loc="lower center", ncol=3, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.93 if title else 1))
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+
+
 def save_dice_plot(
     path: str | Path, dice_per_patient: Mapping[str, float], *, title: str = "Dice per patient volume"
 ) -> None:
@@ -120,7 +176,8 @@ def save_dice_plot(
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice per volume")
-    ax.set_title(title)
+    width_in = fig.get_size_inches()[0]
+    ax.set_title(textwrap.fill(title, max(20, int(width_in * 9))), fontsize=9)  # ~9 characters an inch at 9 pt
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -177,15 +234,16 @@ def metrics_table(
     return "\n".join(cols)
 
 
-def _evenly(ids: list[int], m: int) -> list[int]:
-    if m <= 0 or not ids:
+def evenly_spaced(items: Sequence, m: int) -> list:
+    """Up to m items spread evenly from the first to the last, in order."""
+    if m <= 0 or not items:
         return []
-    return [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(m, len(ids))).round().astype(int))]
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, min(m, len(items))).round().astype(int))]
 
 
 def overlay_choice(has_tumor: list[bool], n: int) -> set[int]:
     """Up to n slice indices, half of them with tumor, spread evenly through the records."""
     tumor = [i for i, t in enumerate(has_tumor) if t]
     other = [i for i, t in enumerate(has_tumor) if not t]
-    chosen = _evenly(tumor, (n + 1) // 2)
-    return set(chosen + _evenly(other, n - len(chosen)))
+    chosen = evenly_spaced(tumor, (n + 1) // 2)
+    return set(chosen + evenly_spaced(other, n - len(chosen)))

@@ -223,7 +223,24 @@ def test_evaluate_figures_match_independent_computation(workdir, data_dir, use_f
     for key, value in want.items():
         assert report[key] == pytest.approx(value, abs=1e-9), key
     assert report["n_patients_in_train"] == 1
-    assert len(list((workdir / "eval_all" / "overlays").glob("*.png"))) == 3
+    sheets = {p.stem for p in (workdir / "eval_all" / "overlays").glob("*.png")}
+    assert len(sheets) == 3
+    tumor_patients = [r for r in report["per_patient"] if r["n_tumor_slices"]]
+    best = max(tumor_patients, key=lambda r: (r["dice"], r["patient"]))["patient"]
+    assert best in sheets  # the ranking's first patient is always drawn
+
+
+def test_overlay_picks_by_hand():
+    from dlvae_jax.report import overlay_picks
+
+    dice = [1.0, 0.2, 0.9, 0.5, 0.7, 0.9, math.nan, 0.0]
+    tumor = [False, True, True, True, True, True, True, False]
+    fp = [0, 3, 0, 0, 0, 0, 0, 40]
+    # tumor slices 1..5 by Dice: 0.2 (1), 0.5 (3), 0.7 (4), 0.9 (2), 0.9 (5): median slice 4, best 2 (earlier tie)
+    assert overlay_picks(dice, tumor, fp) == [(2, "best"), (4, "median"), (1, "worst"), (7, "largest false positive")]
+    # an even count takes the lower median; a slice picked twice is listed once
+    assert overlay_picks([0.3, 0.8], [True, True], [5, 0]) == [(1, "best"), (0, "median, worst, largest false positive")]
+    assert overlay_picks([1.0, 1.0], [False, False], [0, 0]) == []
 
 
 def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fake, capsys):

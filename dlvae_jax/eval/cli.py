@@ -81,7 +81,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per predictor call (default: the config's eval.batch_size)")
     p.add_argument("--overlays", type=int, default=None,
-                   help="overlay PNGs to write (default: the config's eval.overlays)")
+                   help="patients to draw an overlay sheet for (best, median and worst tumor slice and the largest "
+                        "false positive), spread from the best Dice per volume to the worst; 0 for none "
+                        "(default: the config's eval.overlays)")
     p.add_argument("--samples", type=int, default=0,
                    help="DL-VAE-CNN: also score uncertainty maps from N latent draws of the label-free posterior "
                         "(AUROC of entropy for pixel errors, ECE, reliability.png); default 0")

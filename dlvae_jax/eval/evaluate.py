@@ -19,9 +19,12 @@ atomically:
 * ``W/metrics.json``: the same content for the latest evaluation, whatever
   its split, so one place always holds the most recent figures;
 * ``W/per_patient_<split>.csv``: one row per patient;
-* ``W/eval_<split>/``: ``dice_per_patient.png`` and ``overlays/*.png``
-  (FLAIR with the truth outline in green, the prediction's in red, titled
-  with the slice's Dice), replaced as a whole on each run.
+* ``W/eval_<split>/``: ``dice_per_patient.png``, ``confusion.png`` and
+  ``overlays/<patient>.png`` (per patient: the tumor slices of best, median
+  and worst Dice and the largest false positive, FLAIR with the truth
+  outline in green, the prediction's in red, both yellow; `n_overlays`
+  patients spread over the ranking by Dice per volume), replaced as a whole
+  on each run.
 
 `split` is a name from ``W/splits.json`` (``val`` is accepted for
 ``validation``) or ``all``: every patient of the data folder, which may be a
@@ -255,6 +258,46 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+class _OverlaySheets:
+    """Per patient, the slices `figures.overlay_picks` chooses (best, median and
+    worst Dice among tumor slices, and the largest false positive), kept as the
+    slices stream by; `write` draws one sheet per patient for `n` patients
+    spread evenly over the ranking by Dice per volume, best first."""
+
+    def __init__(self, records):
+        self.left: dict[str, int] = {}
+        for r in records:
+            self.left[r.patient] = self.left.get(r.patient, 0) + 1
+        self.pending: dict[str, list[tuple]] = {}
+        self.picked: dict[str, list[tuple]] = {}
+
+    def add(self, batch, flair, truth, masks, dice) -> None:
+        for j, record in enumerate(batch):
+            fp = int((masks[j] & ~truth[j]).sum())
+            self.pending.setdefault(record.patient, []).append(
+                (record, flair[j], truth[j], masks[j], float(dice[j]), fp))
+            self.left[record.patient] -= 1
+            if self.left[record.patient] == 0:
+                rows = self.pending.pop(record.patient)
+                picks = figures.overlay_picks([r[4] for r in rows], [bool(r[2].any()) for r in rows],
+                                              [r[5] for r in rows])
+                self.picked[record.patient] = [(label, *rows[i]) for i, label in picks]
+
+    def write(self, folder: Path, per_patient: list[dict], n: int, step: int) -> None:
+        dice = {r["patient"]: (-1.0 if r["dice"] is None else float(r["dice"])) for r in per_patient}
+        ranked = sorted((p for p in self.picked if self.picked[p]), key=lambda p: (-dice.get(p, -1.0), p))
+        chosen = figures.evenly_spaced(ranked, n)
+        for rank, patient in enumerate(chosen):
+            panels = []
+            for label, record, f, t, m, d, fp in self.picked[patient]:
+                detail = f"Dice {d:.2f}" + (f", {fp} px false positive" if "false positive" in label else "")
+                panels.append((f, t, m, f"{label}: slice {record.slice_number}\n{detail}"))
+            vol = dice.get(patient, -1.0)
+            figures.save_overlay_sheet(
+                folder / f"{patient}.png", panels,
+                title=f"{patient}: Dice per volume {'n/a' if vol < 0 else f'{vol:.2f}'} (step {step})")
+
+
 def evaluate(
     workdir: str | os.PathLike,
     *,
@@ -324,8 +367,7 @@ def evaluate(
         print(f"note: {n_in_train} of these patients were used for training", file=sys.stderr)
 
     channels = model_channels(predictor.config)
-    chosen = figures.overlay_choice([r.has_tumor for r in records], n_overlays)
-    kept: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, float]] = []
+    sheets = _OverlaySheets(records) if n_overlays > 0 else None
     if empty not in metrics.EMPTY_CONVENTIONS:
         raise DlvaeError(f"--empty must be one of {', '.join(metrics.EMPTY_CONVENTIONS)}, got {empty!r}")
     acc = metrics.SegmentationAccumulator(volumes=True, empty=empty)
@@ -364,9 +406,8 @@ def evaluate(
                 m, lab = decide({"prob_BxHxW": out[f"{key}prob_BxHxW"], "tumor_prob_B": out[f"{key}tumor_prob_B"]},
                                 len(batch), flair.shape[1:], min_component)
                 (base_parts if name == "base" else probe_parts[name]).append(metrics.probe_counts(m, truth, lab))
-        for j in range(len(batch)):
-            if start + j in chosen:
-                kept.append((batch[j], flair[j], truth[j], masks[j], float(part["dice"][j])))
+        if sheets is not None:
+            sheets.add(batch, flair, truth, masks, part["dice"])
         bar.update(len(batch))
     bar.close()
 
@@ -412,9 +453,8 @@ def evaluate(
             u = report["uncertainty"]
             save_reliability(tmp / "reliability.png", u,
                              f"{split}, {u['method']}\nAUROC of entropy for pixel errors {_num(u['auroc_error'], 3)}")
-        for record, f, t, m, d in kept:
-            figures.save_overlay(tmp / "overlays" / f"{record.patient}_{record.slice_number:03d}.png", f, t, m,
-                                 title=f"{record.patient} slice {record.slice_number}: Dice {d:.2f}")
+        if sheets is not None:
+            sheets.write(tmp / "overlays", report["per_patient"], n_overlays, report["checkpoint_step"])
     write_text(workdir / f"per_patient_{split}.csv", per_patient_csv(report["per_patient"]))
     write_json(workdir / f"metrics_{split}.json", report)
     write_json(workdir / "metrics.json", report)
