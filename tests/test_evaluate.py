@@ -210,6 +210,12 @@ def test_evaluate_empty_predictor_has_zero_recall(monkeypatch, workdir, use_fake
     report = json.loads((workdir / "metrics_validation.json").read_text())
     assert report["split"] == "validation"
     assert report["slice_recall"] == report["pixel_recall"] == report["dice_tumor_slices_mean"] == 0.0
+    # A second split leaves the first one's files; metrics.json is the latest.
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--split", "test", "--quiet"]) == 0
+    for split in ("validation", "test"):
+        assert json.loads((workdir / f"metrics_{split}.json").read_text())["split"] == split
+        assert (workdir / f"per_patient_{split}.csv").is_file() and (workdir / f"eval_{split}").is_dir()
+    assert json.loads((workdir / "metrics.json").read_text())["split"] == "test"
     assert report["dice_volume_mean"] == 0.0 and report["hd95_mean"] is None
     assert report["hd95_skipped"] == report["n_tumor_slices"] > 0
 
