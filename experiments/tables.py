@@ -88,12 +88,17 @@ def title(model: str) -> str:
 # ----------------------------------------------------------------------------- configuration
 
 
+TABLE_FRACTIONS = (0.7, 0.15, 0.15)
+
+
 def cell_config(model: str, seed: int, steps: int, data_dir: Path, split_seed: int, overrides: list[str]):
     """The resolved config of one (model, seed) cell."""
     from dlvae_jax import configs
     from dlvae_jax.train import experiment as ex
 
     cfg = configs.load(MODELS[model][1], list(overrides))
+    if not any(o.split("=", 1)[0].strip() == "data.fractions" for o in overrides):
+        cfg.data.fractions = TABLE_FRACTIONS  # the table's protocol needs test patients, whatever the config trains on
     cfg.data.data_dir = str(data_dir)
     cfg.data.split_seed = int(split_seed)
     cfg.train.seed = int(seed)

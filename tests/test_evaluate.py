@@ -263,6 +263,10 @@ def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fak
     # The same folder scored as a whole is fine, and no training patient is in it.
     assert run_cli(monkeypatch, ["evaluate", "--workdir", str(other), "--split", "all", "--quiet"]) == 0
     assert json.loads((other / "metrics_all.json").read_text())["n_patients_in_train"] == 0
+    # A split the run's fractions left empty is named, not scored as nothing.
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(other), "--split", "val", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "validation split has no patients" in err, err
 
     bad = [
         (["--workdir", str(tmp_path / "missing")], "no such training folder"),

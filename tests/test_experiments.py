@@ -43,3 +43,43 @@ def test_paired_stats_by_hand_and_against_scipy():
     rng = np.random.default_rng(0)
     means = d[rng.integers(0, 6, size=(2000, 6))].mean(axis=1)
     assert [lo, hi] == pytest.approx([np.percentile(means, 2.5), np.percentile(means, 97.5)])
+
+
+def _write_cv(path: Path, folds, dice: dict, overrides, steps=600):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "command": "python experiments/vae_effect.py ...", "folds_patients": folds, "steps": steps,
+        "overrides": overrides,
+        "arms": {"dlvae_cnn": {"slice_accuracy": 0.8, "per_patient": {p: {"dice": v} for p, v in dice.items()}}}}))
+
+
+def test_recipe_pairs_the_same_patients_and_refuses_other_folds(tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location("recipe", _PATH.with_name("recipe.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    folds = [["A", "B"], ["C", "D"], ["E", "F"]]
+    base = {"A": 0.5, "B": 0.6, "C": 0.2, "D": 0.9, "E": 0.4, "F": 0.3}
+    new = {"F": 0.5, "E": 0.4, "D": 0.7, "C": 0.5, "B": 0.9, "A": 0.6}  # another order: paired by name
+    _write_cv(tmp_path / "a.json", folds, base, ["data.image_size=64"])
+    _write_cv(tmp_path / "b.json", folds, new, ["data.image_size=64", "data.channels=all"])
+    out = tmp_path / "out"
+    assert recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'b.json'}:dlvae_cnn",
+                        "--out", str(out), "--name", "ch", "--bootstrap", "500"]) == 0
+    got = json.loads((out / "ch.json").read_text())
+    d = np.array([new[p] - base[p] for p in sorted(base)])
+    c = got["comparisons"][0]
+    assert c["n"] == 6 and c["mean_diff"] == pytest.approx(d.mean())
+    assert (c["wins"], c["losses"], c["ties"]) == (4, 1, 1)
+    assert got["rows"][1]["dice"]["mean"] == pytest.approx(np.mean(list(new.values())))
+    assert "data.channels=all" in (out / "ch.md").read_text()
+    # Other folds (or step counts) are not comparable: refused.
+    _write_cv(tmp_path / "c.json", [["A", "C"], ["B", "D"], ["E", "F"]], new, [])
+    with pytest.raises(SystemExit, match="folds differ"):
+        recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'c.json'}:dlvae_cnn", "--out", str(out)])
+    _write_cv(tmp_path / "d.json", folds, new, [], steps=300)
+    with pytest.raises(SystemExit, match="steps"):
+        recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'd.json'}:dlvae_cnn", "--out", str(out)])

@@ -9,6 +9,12 @@ def get_config():
     c = base()
     c.data.data_dir = "${DLVAE_LGG_DIR}"  # the kaggle_3m folder: set DLVAE_LGG_DIR, or pass --data-dir
     c.data.image_size = 128
+    # All three MRI channels (pre-contrast, FLAIR, post-contrast), as Buda et al. feed them: chosen by 3-fold
+    # cross-validation over the 39 shared patients (experiments/results/channels.md).
+    c.data.channels = "all"
+    # The final model trains on every patient but the 6 that pick its checkpoint: its figures on unseen
+    # patients come from cross-validation (README), so no patients are held back as a test split.
+    c.data.fractions = (0.85, 0.15, 0.0)
     c.model = dict(
         name="dlvae_cnn", dtype="float32", features=16, levels=4, vae_features=16, vae_levels=4,
         specific_dim=16, shared_dim=16, label_dropout=0.2, inference_label="unknown",

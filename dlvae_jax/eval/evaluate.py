@@ -155,6 +155,9 @@ def select_records(index, workdir: Path, split: str):
     if split not in splits:
         raise DlvaeError(f"{splits_path}: no split named {split!r}; have {sorted(splits)} (or use --split all)")
     wanted = splits[split]
+    if not wanted:
+        raise DlvaeError(f"{splits_path}: the {split} split has no patients (the run's data.fractions gave it "
+                         "none); score another split, or --split all on a folder of patients it never saw")
     missing = [p for p in wanted if p not in present]
     if missing:
         which = "none" if len(missing) == len(wanted) else f"{len(missing)} of {len(wanted)}"
