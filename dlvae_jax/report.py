@@ -134,6 +134,17 @@ def overlay_picks(dice: Sequence[float], has_tumor: Sequence[bool], fp_pixels: S
     return [(i, ", ".join(labels)) for i, labels in merged.items()]
 
 
+def overlay_patients(dice_by_patient: Mapping[str, float | None], n: int) -> list[str]:
+    """Up to n patients spread evenly over the ranking by Dice per volume: best
+    first (ties by name), those without a Dice (None or NaN) last."""
+    def key(p):
+        d = dice_by_patient[p]
+        missing = d is None or math.isnan(float(d))
+        return (missing, 0.0 if missing else -float(d), p)
+
+    return evenly_spaced(sorted(dice_by_patient, key=key), n)
+
+
 def save_overlay_sheet(
     path: str | Path,
     panels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],

@@ -230,10 +230,18 @@ def test_evaluate_figures_match_independent_computation(workdir, data_dir, use_f
         assert report[key] == pytest.approx(value, abs=1e-9), key
     assert report["n_patients_in_train"] == 1
     sheets = {p.stem for p in (workdir / "eval_all" / "overlays").glob("*.png")}
-    assert len(sheets) == 3
-    tumor_patients = [r for r in report["per_patient"] if r["n_tumor_slices"]]
-    best = max(tumor_patients, key=lambda r: (r["dice"], r["patient"]))["patient"]
-    assert best in sheets  # the ranking's first patient is always drawn
+    assert len(sheets) == 3 and sheets <= {r["patient"] for r in report["per_patient"]}
+
+
+def test_overlay_patients_spread_over_the_dice_ranking():
+    from dlvae_jax.report import overlay_patients
+
+    dice = {"a": 0.5, "b": 0.9, "c": None, "d": 0.1, "e": 0.7, "f": 0.3, "g": 0.7, "h": math.nan}
+    # ranked: b 0.9, e 0.7, g 0.7 (tie by name), a 0.5, f 0.3, d 0.1, then c, h (no Dice)
+    assert overlay_patients(dice, 3) == ["b", "f", "h"]  # ranks 0, 3.5 (rounded to even: 4), 7
+    assert overlay_patients(dice, 8) == ["b", "e", "g", "a", "f", "d", "c", "h"]
+    assert overlay_patients(dice, 2) == ["b", "h"]
+    assert overlay_patients(dice, 0) == [] and overlay_patients({}, 3) == []
 
 
 def test_overlay_picks_by_hand():
@@ -443,17 +451,19 @@ def test_predict_nifti_volume_keeps_its_affine(monkeypatch, tmp_path, workdir, d
     assert [r["input"] for r in rows] == [f"{src}#{k}" for k in (1, 2, 3)]
 
 
-def test_predict_any_slice_name_writes_a_volume_that_round_trips(monkeypatch, tmp_path, workdir, data_dir, use_fake):
+@pytest.mark.parametrize("channels", ["flair", "all"])
+def test_predict_any_slice_name_writes_a_volume_that_round_trips(monkeypatch, tmp_path, workdir, data_dir, use_fake,
+                                                                 channels):
     """brain.tif (a slice under any name) and a PNG copy are predicted like the
     dataset's file; a folder's volumes stack its slices with an identity affine
-    beside the FLAIR they came from, and predicting that image volume gives the
-    same masks."""
+    beside the model input they came from, and predicting that image volume
+    gives the same masks, for a FLAIR and a three-channel run."""
     import shutil
 
     import nibabel
     from PIL import Image
 
-    fake = use_fake("noisy")
+    fake = use_fake("noisy", channels)
     patient = sorted(p for p in data_dir.iterdir() if p.is_dir())[1]
     first = sorted(patient.glob("*_2.tif"))[0]
     own = tmp_path / "mine"
@@ -463,7 +473,8 @@ def test_predict_any_slice_name_writes_a_volume_that_round_trips(monkeypatch, tm
     out = tmp_path / "pred"
     assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet",
                                  str(own / "brain.tif"), str(own / "brain2.png")]) == 0
-    want = _decided(fake, tifffile.imread(first)[:, :, 1])
+    rgb = tifffile.imread(first)
+    want = _decided(fake, rgb if channels == "all" else rgb[:, :, 1])
     for stem in ("brain", "brain2"):
         np.testing.assert_array_equal(tifffile.imread(out / "mine" / f"{stem}_mask.tif"), want * 255)
     vol = nibabel.load(str(out / "mine" / "mine_mask.nii.gz"))
@@ -475,13 +486,14 @@ def test_predict_any_slice_name_writes_a_volume_that_round_trips(monkeypatch, tm
     assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(first_pass), "--quiet",
                                  str(patient)]) == 0
     image = first_pass / patient.name / f"{patient.name}_image.nii.gz"
-    flair, _ = lgg.load_arrays([r for r in lgg.scan(data_dir).records if r.path.parent == patient])
-    np.testing.assert_array_equal(np.asarray(nibabel.load(str(image)).dataobj), np.stack(list(flair), axis=-1))
+    inputs, _ = lgg.load_arrays([r for r in lgg.scan(data_dir).records if r.path.parent == patient], channels)
+    np.testing.assert_array_equal(np.asarray(nibabel.load(str(image)).dataobj), np.stack(list(inputs), axis=2))
     second = tmp_path / "second"
     assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(second), "--quiet",
                                  str(image)]) == 0
     a = nibabel.load(str(first_pass / patient.name / f"{patient.name}_mask.nii.gz"))
     b = nibabel.load(str(second / f"{patient.name}_image" / f"{patient.name}_image_mask.nii.gz"))
+    assert np.asarray(a.dataobj).any()
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     np.testing.assert_array_equal(a.affine, b.affine)
 
@@ -492,8 +504,9 @@ def test_predict_16_bit_slices_are_scaled_by_the_documented_rule(monkeypatch, tm
 
     fake = use_fake("bright")
     rng = np.random.default_rng(0)
-    image = rng.integers(300, 4000, size=(40, 52)).astype(np.uint16)
-    image[10:20, 10:30] = 60000  # a bright blob above the 99.5th percentile: clipped to 255
+    image = rng.integers(300, 1500, size=(40, 52)).astype(np.uint16)  # dark under the rule
+    image[10:12, 10:14] = 60000  # 8 of 2080 pixels (0.4%), above the 99.5th percentile: clipped to 255
+    image[30:35, 5:45] = 3000  # the 99.5th percentile: 255 under the rule, dark under min-max scaling
     path = tmp_path / "scan" / f"t2{suffix}"
     path.parent.mkdir()
     if suffix == ".png":
@@ -508,7 +521,9 @@ def test_predict_16_bit_slices_are_scaled_by_the_documented_rule(monkeypatch, tm
     assert run_cli(monkeypatch, ["predict", "--workdir", str(workdir), "--out", str(out), "--quiet", str(path)]) == 0
     got = tifffile.imread(out / "scan" / "t2_mask.tif")
     np.testing.assert_array_equal(got, _decided(fake, scaled) * 255)
-    assert got[15, 20] == 255 and (got == 0).mean() > 0.5
+    assert got[11, 12] == 255 and got[32, 20] == 255 and (got == 0).mean() > 0.8
+    minmax = np.rint((x - x.min()) * 255.0 / (x.max() - x.min()))
+    assert (minmax[30:35, 5:45] < 128).all()  # so min-max scaling would have missed the band
 
 
 def test_predict_three_channel_run_refuses_gray_slice(monkeypatch, tmp_path, workdir, use_fake, capsys):

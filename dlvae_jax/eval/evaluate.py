@@ -284,21 +284,21 @@ class _OverlaySheets:
                 rows = self.pending.pop(record.patient)
                 picks = figures.overlay_picks([r[4] for r in rows], [bool(r[2].any()) for r in rows],
                                               [r[5] for r in rows])
-                self.picked[record.patient] = [(label, *rows[i]) for i, label in picks]
+                # Copies: a view into the batch would keep the whole batch alive.
+                self.picked[record.patient] = [
+                    (label, rows[i][0], *(np.array(a) for a in rows[i][1:4]), *rows[i][4:]) for i, label in picks]
 
     def write(self, folder: Path, per_patient: list[dict], n: int, step: int) -> None:
-        dice = {r["patient"]: (-1.0 if r["dice"] is None else float(r["dice"])) for r in per_patient}
-        ranked = sorted((p for p in self.picked if self.picked[p]), key=lambda p: (-dice.get(p, -1.0), p))
-        chosen = figures.evenly_spaced(ranked, n)
-        for rank, patient in enumerate(chosen):
+        dice = {r["patient"]: r["dice"] for r in per_patient}
+        for patient in figures.overlay_patients({p: dice.get(p) for p in self.picked if self.picked[p]}, n):
             panels = []
             for label, record, f, t, m, d, fp in self.picked[patient]:
                 detail = f"Dice {d:.2f}" + (f", {fp} px false positive" if "false positive" in label else "")
                 panels.append((f, t, m, f"{label}: slice {record.slice_number}\n{detail}"))
-            vol = dice.get(patient, -1.0)
+            vol = dice.get(patient)
             figures.save_overlay_sheet(
                 folder / f"{patient}.png", panels,
-                title=f"{patient}: Dice per volume {'n/a' if vol < 0 else f'{vol:.2f}'} (step {step})")
+                title=f"{patient}: Dice per volume {'n/a' if vol is None else f'{vol:.2f}'} (step {step})")
 
 
 def evaluate(
@@ -358,7 +358,8 @@ def evaluate(
     if batch_size is None:
         batch_size = int(_config_value(predictor.config, "eval", "batch_size") or 32)
     if n_overlays is None:
-        n_overlays = int(_config_value(predictor.config, "eval", "overlays") or 8)
+        configured = _config_value(predictor.config, "eval", "overlays")
+        n_overlays = 8 if configured is None else int(configured)
     trained_source = shift.source_kind(_config_value(predictor.config, "data", "data_dir"))
     own = default_data_dir(predictor.config, workdir)
     scored_source = trained_source if data_dir is None or Path(data_dir).resolve() == own.resolve() else "folder"

@@ -3,11 +3,11 @@
 Inputs (`dlvae_jax.eval.images`): slice images of any name (TIFF or PNG,
 8 or 16 bits, one channel = FLAIR or three = pre-contrast, FLAIR,
 post-contrast), folders of them (a patient folder; ``*_mask.*`` files are
-ignored), and NIfTI volumes (``.nii``/``.nii.gz``, each axial slice
-``data[:, :, k]`` predicted). Data that is not 8-bit is scaled to 0..255,
-minimum to 0 and 99.5th percentile to 255 (per slice file; per NIfTI
-volume). Each NIfTI file, each folder and the loose files of one folder is
-a *case*. Masks are decided as in `dlvae-jax evaluate`
+ignored), and NIfTI volumes (``.nii``/``.nii.gz``, (X, Y, Z) or
+(X, Y, Z, 3); each axial slice ``data[:, :, k]`` predicted). Data that is
+not 8-bit is scaled to 0..255, minimum to 0 and 99.5th percentile to 255,
+each channel on its own (per slice file; per NIfTI volume). Each NIfTI
+file, and the slice images of each folder, is a *case*. Masks are decided as in `dlvae-jax evaluate`
 (`dlvae_jax.metrics.decide`): the class head's ``tumor_prob >= 0.5`` says
 whether there is a tumor, the pixel map's ``prob >= 0.5`` where.
 
@@ -16,11 +16,12 @@ Per case, in ``DIR/<case>/``:
 * ``<case>_mask.nii.gz`` (uint8 {0, 1}), ``<case>_prob.nii.gz`` (float32
   pixel tumor probability before the class-head gate) and
   ``<case>_entropy.nii.gz`` (float32 binary entropy in bits of the
-  probability, of the samples' mean with ``--samples``): volumes with the
-  input's shape, affine and header for a NIfTI input; for slice files the
-  slices stacked as ``data[row, column, k]`` with an identity affine, beside
-  ``<case>_image.nii.gz`` (the FLAIR it was predicted from), so a viewer shows
-  the mask on its image. Slices of different sizes in one case get no volume
+  probability, of the samples' mean with ``--samples``): volumes on the
+  input's voxel grid (X, Y, Z) with its affine and header for a NIfTI input;
+  for slice files the slices stacked as ``data[row, column, k]`` with an
+  identity affine, beside ``<case>_image.nii.gz`` (the model's input, FLAIR or
+  (X, Y, Z, 3)), so a viewer shows the mask on its image and predicting that
+  volume again gives the same masks. Slices of different sizes in one case get no volume
   (a warning says so);
 
 and per slice ``<stem>`` (a file's own stem; ``<case>_<k>`` from 1 for a volume):
@@ -129,9 +130,8 @@ class _Volumes:
         if self.case.kind == "nifti":
             like = imageio.read_nifti(self.case.paths[0])
         for name, slices in self.maps.items():
-            if name == "image" and like is not None:
-                continue
-            imageio.write_nifti(folder / f"{self.case.name}_{name}.nii.gz", np.stack(slices, axis=-1), like)
+            # Slices stack on the third axis; a three-channel image volume keeps its channels last.
+            imageio.write_nifti(folder / f"{self.case.name}_{name}.nii.gz", np.stack(slices, axis=2), like)
         return True
 
 
@@ -161,7 +161,7 @@ def predict(
     rows: list[dict] = []
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
-        bar = tqdm(total=sum(len(c.paths) for c in cases if c.kind == "slices") or None, desc="predict",
+        bar = tqdm(total=sum(c.n_slices for c in cases), desc="predict",
                    unit="slice", disable=not progress, file=sys.stderr)
         done = 0
         head_means, head_shares = [], []
@@ -211,7 +211,9 @@ def predict(
                         volumes.add(mean=mean[j])
                     else:
                         entropy = predictive_entropy(prob[j])
-                    volumes.add(mask=mask, prob=prob[j], entropy=np.asarray(entropy, np.float32), image=flair[j])
+                    volumes.add(mask=mask, prob=prob[j], entropy=np.asarray(entropy, np.float32))
+                    if case.kind == "slices":  # the model's input, so the volume can be predicted again
+                        volumes.add(image=images[j])
                     rows.append(row)
                 done += len(names)
                 bar.update(len(names))
