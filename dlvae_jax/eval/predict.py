@@ -157,10 +157,10 @@ def predict(
     if samples and not getattr(predictor, "can_sample", True):
         raise DlvaeError(f"--samples: the {predictor.config.model.name} model in {workdir} is deterministic "
                          "(no latent to sample), so every sample would be the same prediction; drop --samples")
-    channels = model_channels(predictor.config)
     rows: list[dict] = []
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
+        channels = model_channels(predictor.config)
         bar = tqdm(total=sum(c.n_slices for c in cases), desc="predict",
                    unit="slice", disable=not progress, file=sys.stderr)
         done = 0
