@@ -247,16 +247,31 @@ def classification(logits_BxK: jax.Array, labels_B: jax.Array, valid_B: jax.Arra
 # ------------------------------------------------------------- segmentation
 
 
-def soft_dice_loss(
-    mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: float = 1.0, valid_B: jax.Array | None = None
-) -> jax.Array:
-    """1 - soft Dice of sigmoid(logits) against the binary mask, per slice, batch mean.
+DICE_KINDS = ("slice", "batch")
 
-    Dice = (2 sum(p t) + smooth) / (sum p + sum t + smooth); `smooth` makes an
-    empty prediction on an empty mask (most LGG slices) score 1, not 0/0.
+
+def soft_dice_loss(
+    mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: float = 1.0, valid_B: jax.Array | None = None,
+    kind: str = "slice",
+) -> jax.Array:
+    """1 - soft Dice of sigmoid(logits) against the binary mask.
+
+    Dice = (2 sum(p t) + smooth) / (sum p + sum t + smooth). kind="slice":
+    one Dice per slice, then the batch mean; `smooth` makes an empty
+    prediction on an empty mask (most LGG slices) score 1, not 0/0.
+    kind="batch": the sums run over every (valid) slice of the batch at once,
+    as nnU-Net's batch Dice does, so each tumor pixel weighs the same whatever
+    its slice (closer to Dice per volume, which pools a patient's slices);
+    with data parallelism the batch is the one each device holds.
     """
+    if kind not in DICE_KINDS:
+        raise ValueError(f"dice kind must be one of {DICE_KINDS}, got {kind!r}")
     p = jax.nn.sigmoid(_f32(mask_logits_BxHxW))
     t = _f32(mask_BxHxW)
+    if kind == "batch":
+        w = jnp.ones(p.shape[:1], jnp.float32) if valid_B is None else _f32(valid_B)
+        p, t = p * w[:, None, None], t * w[:, None, None]
+        return 1.0 - (2.0 * jnp.sum(p * t) + smooth) / (jnp.sum(p) + jnp.sum(t) + smooth)
     inter = jnp.sum(p * t, axis=(1, 2))
     denom = jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))
     return _batch_mean(1.0 - (2.0 * inter + smooth) / (denom + smooth), valid_B)
@@ -380,7 +395,8 @@ def _classification_term(outputs, batch, cfg, ctx):
 def _segmentation_term(outputs, batch, cfg, ctx):
     if outputs.get("mask_logits_BxHxW") is None or batch.get("mask_BxHxW") is None:
         return None
-    dice = soft_dice_loss(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], cfg.dice_smooth, ctx.valid_B)
+    dice = soft_dice_loss(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], cfg.dice_smooth, ctx.valid_B,
+                          cfg.dice_kind)
     bce = pixel_bce(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], ctx.valid_B)
     return cfg.seg_dice_weight * dice + cfg.seg_bce_weight * bce, {"segmentation_dice": dice, "segmentation_bce": bce}
 
@@ -389,7 +405,8 @@ def _segmentation_term(outputs, batch, cfg, ctx):
 
 DEFAULT_WEIGHTS = {"kl": 1.0, "reconstruction": 1.0, "cosine": 1.0, "latent_classification": 1.0,
                    "classification": 1.0, "segmentation": 1.0}
-_OPTIONS = ("free_bits", "seg_dice_weight", "seg_bce_weight", "dice_smooth", "reconstruction_kind", "reduction")
+_OPTIONS = ("free_bits", "seg_dice_weight", "seg_bce_weight", "dice_smooth", "dice_kind", "reconstruction_kind",
+            "reduction")
 
 
 @flax.struct.dataclass(frozen=True)
@@ -415,6 +432,7 @@ class LossConfig:
     schedules: tuple = flax.struct.field(pytree_node=False, default=())
     reconstruction_kind: str = flax.struct.field(pytree_node=False, default="bce")
     reduction: str = flax.struct.field(pytree_node=False, default="pixel")
+    dice_kind: str = flax.struct.field(pytree_node=False, default="slice")
 
     def __post_init__(self):
         if self.reconstruction_kind not in RECONSTRUCTION_KINDS:
@@ -423,6 +441,8 @@ class LossConfig:
             )
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.dice_kind not in DICE_KINDS:
+            raise ValueError(f"dice_kind must be one of {DICE_KINDS}, got {self.dice_kind!r}")
         for name in self.term_weights:
             if name not in TERMS:
                 raise ValueError(f"unknown loss term {name!r}; registered terms: {', '.join(TERMS)}")

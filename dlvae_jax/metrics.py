@@ -458,6 +458,7 @@ def segmentation_report(
 
 
 THRESHOLD = 0.5  # probability cut of both the class head and the pixel map
+PRESENCE_RULES = ("class", "mask")  # what calls a slice "tumor" (`decide`)
 
 
 def remove_small_components(masks_BxHxW: np.ndarray, min_size: int) -> np.ndarray:
@@ -478,20 +479,26 @@ def remove_small_components(masks_BxHxW: np.ndarray, min_size: int) -> np.ndarra
 
 
 def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
-           min_component: int = 0) -> tuple[np.ndarray, np.ndarray]:
+           min_component: int = 0, presence: str = "class") -> tuple[np.ndarray, np.ndarray]:
     """The slice decision shared by evaluation, prediction and in-training validation.
 
-    A slice is called "tumor" when the class head's ``tumor_prob >= THRESHOLD``;
-    its mask is the pixels with ``prob >= THRESHOLD``, and the mask of a slice
-    called "no tumor" is emptied (the class head decides presence, the pixel
-    map extent).
+    A slice's mask is the pixels with ``prob >= THRESHOLD``, without its
+    components smaller than `min_component` pixels when that is > 1
+    (`remove_small_components`). Whether the slice is called "tumor":
+
+    * presence="class": the class head's ``tumor_prob >= THRESHOLD``; the
+      mask of a slice called "no tumor" is emptied (the class head decides
+      presence, the pixel map extent; a "tumor" slice may keep an empty mask);
+    * presence="mask": the mask is not empty (the pixel map decides both, and
+      the class head is not read).
 
     out: {"prob_BxHxW": float [B, H, W], "tumor_prob_B": float [B]} for n
-    slices of shape_HxW. min_component > 1 then removes the mask's components
-    smaller than that (`remove_small_components`); the slice label stays the
-    class head's. Returns (masks bool [B, H, W], labels bool [B]).
-    Raises DlvaeError when the output does not have those shapes.
+    slices of shape_HxW. Returns (masks bool [B, H, W], labels bool [B]).
+    Raises DlvaeError when the output does not have those shapes or the rule
+    is unknown.
     """
+    if presence not in PRESENCE_RULES:
+        raise DlvaeError(f"presence must be one of {', '.join(PRESENCE_RULES)}, got {presence!r}")
     try:
         prob, tumor_prob = np.asarray(out["prob_BxHxW"]), np.asarray(out["tumor_prob_B"]).reshape(-1)
     except (KeyError, TypeError) as err:
@@ -501,6 +508,11 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
             f"predictor returned prob {prob.shape} and tumor_prob {tumor_prob.shape} "
             f"for {n} slices of {shape_HxW[0]}x{shape_HxW[1]}"
         )
+    if presence == "mask":
+        masks = prob >= THRESHOLD
+        if min_component > 1:
+            masks = remove_small_components(masks, min_component)
+        return masks, masks.any(axis=(1, 2))
     labels = tumor_prob >= THRESHOLD
     masks = (prob >= THRESHOLD) & labels[:, None, None]
     if min_component > 1:

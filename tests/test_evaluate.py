@@ -136,15 +136,19 @@ def run_cli(monkeypatch, argv: list[str]) -> int:
         return int(err.code)
 
 
-def _expected(data_dir: Path, fake: FakePredictor, patients: list[str] | None) -> dict:
+def _expected(data_dir: Path, fake: FakePredictor, patients: list[str] | None, presence: str = "class") -> dict:
     """The figures, recomputed from the fake's output without dlvae_jax.metrics."""
     index = lgg.scan(data_dir)
     records = [r for r in index.records if patients is None or r.patient in patients]
     images, truth = lgg.load_arrays(records, fake.config.data.channels)
     truth = truth.astype(bool)
     out = fake(images)
-    labels = out["tumor_prob_B"] >= 0.5
-    pred = (out["prob_BxHxW"] >= 0.5) & labels[:, None, None]
+    if presence == "mask":  # the pixel map decides presence too
+        pred = out["prob_BxHxW"] >= 0.5
+        labels = pred.any(axis=(1, 2))
+    else:
+        labels = out["tumor_prob_B"] >= 0.5
+        pred = (out["prob_BxHxW"] >= 0.5) & labels[:, None, None]
     true_labels = truth.any(axis=(1, 2))
     ids = np.array([r.patient for r in records])
     vol_dice, vol_iou = [], []
@@ -231,6 +235,21 @@ def test_evaluate_figures_match_independent_computation(workdir, data_dir, use_f
     assert report["n_patients_in_train"] == 1
     sheets = {p.stem for p in (workdir / "eval_all" / "overlays").glob("*.png")}
     assert len(sheets) == 3 and sheets <= {r["patient"] for r in report["per_patient"]}
+
+
+def test_evaluate_presence_from_the_mask(monkeypatch, workdir, data_dir, use_fake):
+    """--presence mask: a slice is tumor when its mask is not empty; the class
+    head's coin flips no longer matter, so the figures change."""
+    fake = use_fake("noisy")
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--split", "all", "--presence", "mask",
+                                 "--overlays", "0", "--quiet"]) == 0
+    report = json.loads((workdir / "metrics_all.json").read_text())
+    want, old = _expected(data_dir, fake, None, "mask"), _expected(data_dir, fake, None, "class")
+    assert want["slice_accuracy"] != old["slice_accuracy"]
+    for key, value in want.items():
+        assert report[key] == pytest.approx(value, abs=1e-9), key
+    assert report["presence"] == "mask"
+    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--presence", "area"]) != 0
 
 
 def test_overlay_patients_spread_over_the_dice_ranking():

@@ -169,6 +169,27 @@ def test_dice_hand_values():
     close(losses.soft_dice_loss(np.zeros((1, 4, 4), np.float32), mask), 8 / 13)
 
 
+def test_batch_dice_pools_the_batch_and_skips_padding():
+    # Slice 0: the 4-pixel mask above predicted at p = 0.5; slice 1: empty mask,
+    # confident empty prediction; slice 2: padding (valid false), anything.
+    mask = np.zeros((3, 4, 4), np.float32)
+    mask[0, :2, :2] = 1
+    mask[2] = 1
+    logits = np.full((3, 4, 4), -50.0, np.float32)
+    logits[0] = 0.0
+    logits[2] = 50.0
+    valid = np.array([True, True, False])
+    # Pooled over slices 0 and 1: 1 - (2 * 2 + 1) / (8 + 4 + 1) = 8 / 13, the
+    # tumor-free slice adding nothing; per slice it would be (8/13 + 0) / 2.
+    close(losses.soft_dice_loss(logits, mask, 1.0, valid, "batch"), 8 / 13, atol=1e-6)
+    close(losses.soft_dice_loss(logits, mask, 1.0, valid, "slice"), 4 / 13, atol=1e-6)
+    _, logs = losses.total_loss({"mask_logits_BxHxW": logits[:2]}, {"mask_BxHxW": mask[:2]},
+                                LossConfig.make(dice_kind="batch", seg_bce_weight=0.0))
+    close(logs["segmentation_dice"], 8 / 13, atol=1e-6)
+    with pytest.raises(ValueError, match="dice_kind"):
+        LossConfig.make(dice_kind="volume")
+
+
 # ------------------------------------------------------------ total_loss
 
 

@@ -344,3 +344,25 @@ def test_small_components_removed_as_skimage_does():
     prob[0, 6, 6] = 0.9       # 1 pixel
     masks, labels = decide({"prob_BxHxW": prob, "tumor_prob_B": np.array([0.8], np.float32)}, 1, (8, 8), 2)
     assert masks.sum() == 9 and labels[0]
+
+
+def test_decide_presence_rules_by_hand():
+    from dlvae_jax.errors import DlvaeError
+    from dlvae_jax.metrics import decide
+
+    # Slice 0: a 9-pixel blob, class head says no tumor. Slice 1: one stray pixel,
+    # class head says tumor. Slice 2: nothing above 0.5, class head says tumor.
+    prob = np.zeros((3, 8, 8), np.float32)
+    prob[0, 1:4, 1:4] = 0.9
+    prob[1, 6, 6] = 0.7
+    prob[2] = 0.4
+    out = {"prob_BxHxW": prob, "tumor_prob_B": np.array([0.2, 0.9, 0.6], np.float32)}
+    masks, labels = decide(out, 3, (8, 8), 0, "class")
+    assert labels.tolist() == [False, True, True] and masks.sum(axis=(1, 2)).tolist() == [0, 1, 0]
+    masks, labels = decide(out, 3, (8, 8), 0, "mask")
+    assert labels.tolist() == [True, True, False] and masks.sum(axis=(1, 2)).tolist() == [9, 1, 0]
+    # Removing components under 2 pixels empties slice 1, which is then "no tumor".
+    masks, labels = decide(out, 3, (8, 8), 2, "mask")
+    assert labels.tolist() == [True, False, False] and masks.sum(axis=(1, 2)).tolist() == [9, 0, 0]
+    with pytest.raises(DlvaeError, match="presence"):
+        decide(out, 3, (8, 8), 0, "area")

@@ -86,6 +86,11 @@ def test_loss_overrides_name_registered_terms_and_valid_schedules():
         configs.load("demo", ["loss.schedules.kl=sometimes"])
     with pytest.raises(DlvaeError, match=r"loss.reduction must be one of pixel, sum, mean"):
         configs.load("demo", ["loss.reduction=median"])
+    with pytest.raises(DlvaeError, match=r"loss.dice_kind must be one of slice, batch"):
+        configs.load("demo", ["loss.dice_kind=volume"])
+    with pytest.raises(DlvaeError, match=r"eval.presence must be one of class, mask"):
+        configs.load("demo", ["eval.presence=area"])
+    assert ex.loss_from_config(configs.load("demo", ["loss.dice_kind=batch"])).dice_kind == "batch"
     # A term registered (e.g. by a config file) takes a weight that the config did not list.
     losses.term("test_extra_term")(lambda outputs, batch, cfg, ctx: None)
     try:
@@ -554,6 +559,7 @@ def test_fields_added_later_do_not_block_resuming_an_older_run():
     new = json.loads(configs.to_json(configs.load("demo")))
     old = json.loads(json.dumps(new))
     del old["eval"]["tta"], old["eval"]["min_component"], old["model"]["use_vae"]
+    del old["eval"]["presence"], old["loss"]["dice_kind"]
     assert _config_conflict(old, new) == []
     new["eval"]["min_component"] = 25  # a real change still is one
     assert _config_conflict(old, new) == ["eval.min_component"]

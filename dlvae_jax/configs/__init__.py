@@ -405,6 +405,11 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
         raise ConfigError(_at(where, "data.fractions must be (train, validation, test) shares >= 0 summing to 1, "
                                      f"with train and validation > 0; got {tuple(value('data', 'fractions'))}"))
     _validate_loss(cfg.loss, where, check_names=complete)
+    from dlvae_jax.metrics import PRESENCE_RULES
+
+    presence = cfg.eval.get("presence", "class") if "eval" in cfg else "class"
+    if presence not in PRESENCE_RULES:
+        raise ConfigError(_at(where, f"eval.presence must be one of {', '.join(PRESENCE_RULES)}, got {presence!r}"))
     k = value("preprocess", "k")
     if not 2 <= k <= 255:
         raise ConfigError(_at(where, f"preprocess.k must be in [2, 255] (clusters of grey levels), got {k}"))
@@ -440,6 +445,7 @@ def _validate_loss(loss: Any, where: str | None, check_names: bool = True) -> No
                     losses.parse_schedule(v)
                 except ValueError as err:
                     raise ConfigError(_at(where, f"loss.schedules.{name}: {err}")) from None
-    for key, allowed in (("reconstruction_kind", losses.RECONSTRUCTION_KINDS), ("reduction", losses.REDUCTIONS)):
+    for key, allowed in (("reconstruction_kind", losses.RECONSTRUCTION_KINDS), ("reduction", losses.REDUCTIONS),
+                         ("dice_kind", losses.DICE_KINDS)):
         if key in loss and loss[key] not in allowed:
             raise ConfigError(_at(where, f"loss.{key} must be one of {', '.join(allowed)}, got {loss[key]!r}"))

@@ -42,6 +42,7 @@ def base() -> ml_collections.ConfigDict:
         schedules=dict(kl="linear:500", reconstruction="constant", cosine="constant",
                        latent_classification="constant", classification="constant", segmentation="constant"),
         free_bits=0.0, seg_dice_weight=1.0, seg_bce_weight=1.0, dice_smooth=1.0,
+        dice_kind="slice",          # "slice" (soft Dice per slice, batch mean) or "batch" (one Dice over the batch)
         reconstruction_kind="bce",  # "bce" (Bernoulli likelihood), "l2" or "l1"
         reduction="pixel",          # "pixel" (ELBO / pixels), "sum" (ELBO in nats) or "mean" (literal Eqs. 6-7)
     )
@@ -57,5 +58,6 @@ def base() -> ml_collections.ConfigDict:
         batch_size=32, overlays=6,
         tta=False,             # predict as the mean over the slice and its 3 flips (evaluate, predict)
         min_component=0,       # tumor components smaller than this (pixels at the data's size) are removed
+        presence="class",      # a slice is "tumor" when: "class" the class head says so; "mask" its mask is not empty
     )
     return c

@@ -32,6 +32,7 @@ def _cmd_evaluate(args) -> int:
         samples=args.samples,
         tta=args.tta,
         min_component=args.min_component,
+        presence=args.presence,
         seed=args.seed,
     )
     split = report["split"]
@@ -67,9 +68,10 @@ def register(subparsers) -> None:
         help="score a trained workdir on a split: metrics.json, per-patient CSV, plots, table beside the paper's",
         description="Score a trained workdir's best (or latest) checkpoint on the slices of a split and "
                     "write, into the workdir: metrics_<split>.json, per_patient_<split>.csv, metrics.json (the "
-                    "latest evaluation) and eval_<split>/ (Dice per patient, confusion matrix, overlays). A slice "
-                    "is called tumor when the class head's probability is >= 0.5; its mask is the pixels with "
-                    "probability >= 0.5, emptied on slices called no tumor. Prints our figures beside the "
+                    "latest evaluation) and eval_<split>/ (Dice per patient, confusion matrix, overlays). A slice's "
+                    "mask is the pixels with probability >= 0.5; the slice is called tumor when the class head's "
+                    "probability is >= 0.5 (--presence class; its mask is emptied otherwise) or when its mask is "
+                    "not empty (--presence mask). Prints our figures beside the "
                     "paper's Tables I-IV. Keys and empty-mask rules: docs/evaluate.md.",
     )
     p.add_argument("--workdir", required=True, help="training folder (holds config.json, splits.json, checkpoints/)")
@@ -94,6 +96,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-component", type=int, default=None, metavar="N",
                    help="remove predicted tumor components smaller than N pixels (default: the run's "
                         "eval.min_component)")
+    p.add_argument("--presence", choices=("class", "mask"), default=None,
+                   help="what calls a slice tumor: class, the class head (a slice it calls no tumor gets an empty "
+                        "mask); mask, a non-empty mask (default: the run's eval.presence)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
     p.add_argument("--empty", choices=("one", "exclude"), default="one",
                    help="how a patient (or slice) with no tumor in truth or prediction enters the Dice and IoU "

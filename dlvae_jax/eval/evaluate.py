@@ -1,11 +1,13 @@
 """`dlvae-jax evaluate`: a trained model's predictions on LGG slices, scored against the masks.
 
-Decision rule (shared with `dlvae-jax predict`, see `dlvae_jax.metrics.decide`): a slice is
-called "tumor" when the class head's probability ``tumor_prob >= 0.5``; its
-mask is the pixels with ``prob >= 0.5``, and the mask of a slice called "no
-tumor" is emptied. The class head thus decides presence, the pixel map
-decides extent, and slice labels and masks never contradict each other in
-the "no tumor" direction (a "tumor" slice may still get an empty mask).
+Decision rule (shared with `dlvae-jax predict`, see `dlvae_jax.metrics.decide`): a slice's
+mask is the pixels with ``prob >= 0.5`` (components under ``eval.min_component``
+pixels removed). With ``eval.presence = "class"`` a slice is called "tumor"
+when the class head's probability ``tumor_prob >= 0.5``, and the mask of a
+slice called "no tumor" is emptied: the class head decides presence, the
+pixel map extent. With ``"mask"`` a slice is "tumor" when its mask is not
+empty. Either way slice labels and masks never contradict each other in the
+"no tumor" direction.
 
 Metrics are computed at the data's resolution (the predictor returns
 probabilities at its input's size) with `dlvae_jax.metrics` (empty-mask
@@ -314,6 +316,7 @@ def evaluate(
     samples: int = 0,
     tta: bool | None = None,
     min_component: int | None = None,
+    presence: str | None = None,
     seed: int = 0,
     write: bool = True,
 ) -> dict:
@@ -350,6 +353,10 @@ def evaluate(
         min_component = int(getattr(predictor, "min_component", 0))
     if min_component < 0:
         raise DlvaeError(f"--min-component must be >= 0, got {min_component}")
+    if presence is None:
+        presence = str(getattr(predictor, "presence", "class"))
+    if presence not in metrics.PRESENCE_RULES:
+        raise DlvaeError(f"--presence must be one of {', '.join(metrics.PRESENCE_RULES)}, got {presence!r}")
     score_flips = tta and getattr(predictor, "segments", True)
     calibration = CalibrationAccumulator() if samples or score_flips else None
     used = getattr(predictor, "checkpoint", checkpoint)
@@ -391,7 +398,7 @@ def evaluate(
         head_means.append(m)
         head_shares.append(sh)
         out = predictor.diagnose(images) if diagnose else predictor(images)
-        masks, labels = decide(out, len(batch), flair.shape[1:], min_component)
+        masks, labels = decide(out, len(batch), flair.shape[1:], min_component, presence)
         truth = truth.astype(bool)
         part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
         if calibration is not None:
@@ -408,7 +415,7 @@ def evaluate(
             for name in ("base", *PROBES):
                 key = single if name == "base" else f"probe_{name}_"
                 m, lab = decide({"prob_BxHxW": out[f"{key}prob_BxHxW"], "tumor_prob_B": out[f"{key}tumor_prob_B"]},
-                                len(batch), flair.shape[1:], min_component)
+                                len(batch), flair.shape[1:], min_component, presence)
                 (base_parts if name == "base" else probe_parts[name]).append(metrics.probe_counts(m, truth, lab))
         if sheets is not None:
             sheets.add(batch, flair, truth, masks, part["dice"])
@@ -436,6 +443,7 @@ def evaluate(
         "threshold": THRESHOLD,
         "tta": tta,
         "min_component": int(min_component),
+        "presence": presence,
         "n_patients_in_train": int(n_in_train),
     })
     report = json_safe(report)

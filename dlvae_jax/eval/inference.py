@@ -60,6 +60,7 @@ class Predictor:
         ev = cfg.get("eval", {})
         self.tta = bool(ev.get("tta", False))  # predictions averaged over the slice and its 3 flips
         self.min_component = int(ev.get("min_component", 0))  # for `metrics.decide`
+        self.presence = str(ev.get("presence", "class"))
         self._predict = self._compile(diagnostics=False)
         self._diagnose = None
 

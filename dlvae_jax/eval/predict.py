@@ -8,8 +8,9 @@ ignored), and NIfTI volumes (``.nii``/``.nii.gz``, (X, Y, Z) or
 not 8-bit is scaled to 0..255, minimum to 0 and 99.5th percentile to 255,
 each channel on its own (per slice file; per NIfTI volume). Each NIfTI
 file, and the slice images of each folder, is a *case*. Masks are decided as in `dlvae-jax evaluate`
-(`dlvae_jax.metrics.decide`): the class head's ``tumor_prob >= 0.5`` says
-whether there is a tumor, the pixel map's ``prob >= 0.5`` where.
+(`dlvae_jax.metrics.decide`, with the run's ``eval.presence``): the pixel
+map's ``prob >= 0.5`` says where; whether there is a tumor is said by the
+class head's ``tumor_prob >= 0.5`` ("class") or by a non-empty mask ("mask").
 
 Per case, in ``DIR/<case>/``:
 
@@ -174,7 +175,8 @@ def predict(
                 head_means.append(m)
                 head_shares.append(sh)
                 result = predictor(images)
-                masks, labels = decide(result, len(names), flair.shape[1:], getattr(predictor, "min_component", 0))
+                masks, labels = decide(result, len(names), flair.shape[1:], getattr(predictor, "min_component", 0),
+                                       getattr(predictor, "presence", "class"))
                 tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
                 prob = np.asarray(result["prob_BxHxW"], np.float32)
                 mean = None

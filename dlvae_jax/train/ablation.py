@@ -127,14 +127,14 @@ def loss_variants(base: LossConfig, kl_sweep: Sequence[float] = (0.1, 0.3, 3.0, 
 
 
 def _statics(cfg: LossConfig) -> tuple:
-    return cfg.schedules, cfg.reconstruction_kind, cfg.reduction
+    return cfg.schedules, cfg.reconstruction_kind, cfg.reduction, cfg.dice_kind
 
 
 def stack_losses(cfgs: Sequence[LossConfig]) -> LossConfig:
     """Stacks LossConfigs (weights become float32 [V]); static fields must agree."""
     statics = {_statics(c) for c in cfgs}
     if len(statics) != 1:
-        raise ValueError(f"loss variants differ in static fields (schedules, reconstruction_kind, reduction): {statics}")
+        raise ValueError(f"loss variants differ in static fields (schedules, reconstruction_kind, reduction, dice_kind): {statics}")
     names = {tuple(sorted(c.term_weights)) for c in cfgs}
     if len(names) != 1:
         raise ValueError(f"loss variants weigh different terms: {names}")

@@ -81,7 +81,8 @@ def _flat(d: dict, prefix=()) -> dict:
 
 # Fields added after runs were written, with the value that gives the behaviour
 # those runs had: absent from an old config.json, they are not a conflict.
-ADDED_WITH_DEFAULT = {("eval", "tta"): False, ("eval", "min_component"): 0, ("model", "use_vae"): True}
+ADDED_WITH_DEFAULT = {("eval", "tta"): False, ("eval", "min_component"): 0, ("eval", "presence"): "class",
+                      ("model", "use_vae"): True, ("loss", "dice_kind"): "slice"}
 
 
 def _config_conflict(old: dict, new: dict) -> list[str]:
@@ -172,8 +173,8 @@ def evaluate_split(runner, variables, loader, cfg) -> dict:
     for host in host_iterator(ds, num_threads=1):
         out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
         n, shape = len(host["index_B"]), host["mask_BxHxW"].shape[1:]
-        min_component = int(cfg.eval.get("min_component", 0))
-        masks, labels = metrics.decide(out, n, shape, min_component)
+        min_component, presence = int(cfg.eval.get("min_component", 0)), str(cfg.eval.get("presence", "class"))
+        masks, labels = metrics.decide(out, n, shape, min_component, presence)
         truth = host["mask_BxHxW"] > 0
         row = dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
                    index=host["index_B"].astype(np.int64))
@@ -182,7 +183,7 @@ def evaluate_split(runner, variables, loader, cfg) -> dict:
             for name in PROBES:
                 probe = {"prob_BxHxW": out[f"probe_{name}_prob_BxHxW"],
                          "tumor_prob_B": out[f"probe_{name}_tumor_prob_B"]}
-                m, lab = metrics.decide(probe, n, shape, min_component)
+                m, lab = metrics.decide(probe, n, shape, min_component, presence)
                 row.update({f"probe_{name}_{k}": v for k, v in metrics.probe_counts(m, truth, lab).items()})
         rows.append(row)
     local = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
