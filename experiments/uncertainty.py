@@ -5,7 +5,7 @@ fold's test patients:
 
   dlvae_cnn, latent samples  `evaluate --samples N`: z drawn N times from the
                              label-free posterior the CNN was trained with
-  dlvae_cnn, TTA             `evaluate --tta`: the 4 flips
+  dlvae_cnn, TTA             `evaluate --tta`: the slice and its trained flips
   unet, TTA                  `evaluate --tta`: the reference
 
 Scores (`dlvae_jax.eval.uncertainty`): AUROC of the per-pixel predictive

@@ -357,6 +357,24 @@ def test_samples_stream_into_a_mean_whatever_the_chunk(trained):
     assert np.abs(pred.sample_mean(images, 5, seed=4, chunk=3) - three).max() > 1e-4, "the seed is used"
 
 
+def test_tta_averages_the_slice_and_its_trained_flips_only(trained):
+    """The tiny config trains with left-right flips only: TTA is the mean of
+    the single passes on the slice and on its mirror image (flipped back)."""
+    import tifffile
+
+    from dlvae_jax.eval.inference import load_predictor
+
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["augment"]["p_flip_lr"] > 0 and cfg["augment"]["p_flip_ud"] == 0
+    pred = load_predictor(trained, "latest")
+    images = np.stack([tifffile.imread(f) for f in sorted((trained / "data").rglob("*_[0-9].tif"))[:2]])[..., 1]
+    a, b = pred.single(images), pred.single(np.ascontiguousarray(images[:, :, ::-1]))
+    pred.tta = True
+    got = pred(images)
+    np.testing.assert_allclose(got["prob_BxHxW"], (a["prob_BxHxW"] + b["prob_BxHxW"][:, :, ::-1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(got["tumor_prob_B"], (a["tumor_prob_B"] + b["tumor_prob_B"]) / 2, atol=1e-6)
+
+
 def test_samples_of_a_deterministic_model_are_refused(tmp_path):
     w = tmp_path / "unet"
     res = _cli("train", "--config", TINY.replace("tiny.py", "tiny_unet.py"), "--workdir", str(w),

@@ -69,3 +69,15 @@ def test_flips_mean_flips_back_each_prediction():
     # The slice probability is the mean over the 4 flipped inputs: pixel (1, 1) of each.
     corners = [images[:, 1, 1], images[:, -2, 1], images[:, 1, -2], images[:, -2, -2]]
     np.testing.assert_allclose(out["tumor_prob_B"], np.mean(corners, axis=0) / 255.0, rtol=1e-6)
+    # Only the identity and the left-right flip: pixel (1, 1) and its mirror (1, -2).
+    out = U.flips_mean(bright, images, U.trained_flips(p_flip_lr=0.5, p_flip_ud=0.0))
+    np.testing.assert_allclose(out["tumor_prob_B"], np.mean(corners[::2], axis=0) / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(U.flips_mean(left, images, ((False, False), (True, False)))["prob_BxHxW"],
+                               left(images)["prob_BxHxW"])  # up-down flips leave a left half where it is
+
+
+def test_tta_uses_only_the_flips_training_used():
+    assert U.trained_flips(0.5, 0.0) == ((False, False), (False, True))
+    assert U.trained_flips(0.0, 0.3) == ((False, False), (True, False))
+    assert U.trained_flips(0.5, 0.5) == U.ALL_FLIPS and len(U.ALL_FLIPS) == 4
+    assert U.trained_flips(0.0, 0.0) == ((False, False),)

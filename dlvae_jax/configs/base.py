@@ -56,7 +56,7 @@ def base() -> ml_collections.ConfigDict:
     )
     c.eval = dict(
         batch_size=32, overlays=6,
-        tta=False,             # predict as the mean over the slice and its 3 flips (evaluate, predict)
+        tta=False,             # predict as the mean over the slice and the flips it trained with (evaluate, predict)
         min_component=0,       # tumor components smaller than this (pixels at the data's size) are removed
         presence="class",      # a slice is "tumor" when: "class" the class head says so; "mask" its mask is not empty
     )

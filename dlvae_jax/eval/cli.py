@@ -90,9 +90,9 @@ def register(subparsers) -> None:
                    help="DL-VAE-CNN: also score uncertainty maps from N latent draws of the label-free posterior "
                         "(AUROC of entropy for pixel errors, ECE, reliability.png); default 0")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="predict as the mean over each slice and its 3 flips, and score the flips' uncertainty "
-                        "maps unless --samples is given; --no-tta predicts single passes (default: the run's "
-                        "eval.tta)")
+                   help="predict as the mean over each slice and the flips the run trained with (augment.p_flip_lr, "
+                        "p_flip_ud), and score the flips' uncertainty maps unless --samples is given; --no-tta "
+                        "predicts single passes (default: the run's eval.tta)")
     p.add_argument("--min-component", type=int, default=None, metavar="N",
                    help="remove predicted tumor components smaller than N pixels (default: the run's "
                         "eval.min_component)")

@@ -349,6 +349,12 @@ def evaluate(
     if tta is not None:
         predictor.tta = bool(tta)
     tta = bool(getattr(predictor, "tta", False))
+    from dlvae_jax.eval.uncertainty import ALL_FLIPS
+
+    flips = getattr(predictor, "tta_flips", ALL_FLIPS)
+    if tta and len(flips) == 1:
+        print_warning(f"{workdir}: --tta: the run trained without flips, so test-time augmentation has no "
+                      "other view to average; the predictions are single passes")
     if min_component is None:
         min_component = int(getattr(predictor, "min_component", 0))
     if min_component < 0:
@@ -434,7 +440,8 @@ def evaluate(
         print_warning(f"{workdir}: {report['data_shift']}")
     if calibration is not None:
         report["uncertainty"] = dict(calibration.report(), method=f"{samples} latent samples" if samples
-                                     else "test-time augmentation (4 flips)")
+                                     else f"test-time augmentation ({len(flips)} views: the slice and "
+                                          "the flips the run trained with)")
     report.update({
         "data_dir": str(index.root),
         "split": split,

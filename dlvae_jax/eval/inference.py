@@ -58,7 +58,11 @@ class Predictor:
         self._eval_key = jax.random.key_data(jax.random.key(EVAL_SEED))
         self.latent_sizes = ex.latent_sizes(cfg)  # None: the model has no VAE latent
         ev = cfg.get("eval", {})
-        self.tta = bool(ev.get("tta", False))  # predictions averaged over the slice and its 3 flips
+        self.tta = bool(ev.get("tta", False))  # predictions averaged over the slice and its trained flips
+        from dlvae_jax.eval.uncertainty import trained_flips
+
+        aug = cfg.get("augment", {})  # a run without the section trained with the base config's flips
+        self.tta_flips = trained_flips(aug.get("p_flip_lr", 0.5), aug.get("p_flip_ud", 0.0))
         self.min_component = int(ev.get("min_component", 0))  # for `metrics.decide`
         self.presence = str(ev.get("presence", "class"))
         self._predict = self._compile(diagnostics=False)
@@ -94,13 +98,13 @@ class Predictor:
 
     def __call__(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
         """The run's prediction: `single`, or with `tta` the mean of the pixel
-        and slice probabilities over the slice and its left-right, up-down and
-        both flips (each flipped back)."""
+        and slice probabilities over the slice and the flips the run trained
+        with (`tta_flips`; each flipped back)."""
         if not self.tta:
             return self.single(flair_BxHxW)
         from dlvae_jax.eval.uncertainty import flips_mean
 
-        return flips_mean(self.single, flair_BxHxW)
+        return flips_mean(self.single, flair_BxHxW, self.tta_flips)
 
     def diagnose(self, flair_BxHxW: np.ndarray) -> dict[str, np.ndarray]:
         """What `__call__` gives plus, for a model with a VAE latent, the

@@ -53,20 +53,33 @@ def _flipped(x: np.ndarray, flip_ud: bool, flip_lr: bool) -> np.ndarray:
     return x
 
 
-def flips_mean(predict, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean of a predictor's outputs over the identity and the three flips.
+ALL_FLIPS = ((False, False), (False, True), (True, False), (True, True))  # (up-down, left-right)
+
+
+def trained_flips(p_flip_lr: float, p_flip_ud: float) -> tuple[tuple[bool, bool], ...]:
+    """The views test-time augmentation may average: the identity and the
+    flips training augmented with (a probability > 0), as (up-down,
+    left-right) pairs. A model trained on left-right flips only has never
+    seen a brain upside down, and predicting one adds error, not information."""
+    lr, ud = float(p_flip_lr) > 0, float(p_flip_ud) > 0
+    return tuple((u, l) for u, l in ALL_FLIPS if (lr or not l) and (ud or not u))
+
+
+def flips_mean(predict, images: np.ndarray, flips=ALL_FLIPS) -> dict[str, np.ndarray]:
+    """Mean of a predictor's outputs over the given flips of the slices.
 
     predict: a function of uint8 slices [B, H, W(, C)] returning
-    {"prob_BxHxW": [B, H, W], "tumor_prob_B": [B]} (`Predictor.single`); the
-    pixel maps are flipped back before averaging."""
+    {"prob_BxHxW": [B, H, W], "tumor_prob_B": [B]} (`Predictor.single`);
+    flips: (up-down, left-right) pairs, by default the identity and the
+    three flips. The pixel maps are flipped back before averaging."""
     prob = tumor = None
-    for flip_ud in (False, True):
-        for flip_lr in (False, True):
-            out = predict(np.ascontiguousarray(_flipped(images, flip_ud, flip_lr)))
-            p = _flipped(np.asarray(out["prob_BxHxW"], np.float64), flip_ud, flip_lr)
-            t = np.asarray(out["tumor_prob_B"], np.float64)
-            prob, tumor = (p, t) if prob is None else (prob + p, tumor + t)
-    return {"prob_BxHxW": (prob / 4).astype(np.float32), "tumor_prob_B": (tumor / 4).astype(np.float32)}
+    for flip_ud, flip_lr in flips:
+        out = predict(np.ascontiguousarray(_flipped(images, flip_ud, flip_lr)))
+        p = _flipped(np.asarray(out["prob_BxHxW"], np.float64), flip_ud, flip_lr)
+        t = np.asarray(out["tumor_prob_B"], np.float64)
+        prob, tumor = (p, t) if prob is None else (prob + p, tumor + t)
+    n = len(flips)
+    return {"prob_BxHxW": (prob / n).astype(np.float32), "tumor_prob_B": (tumor / n).astype(np.float32)}
 
 
 class CalibrationAccumulator:
