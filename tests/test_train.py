@@ -90,6 +90,8 @@ def test_loss_overrides_name_registered_terms_and_valid_schedules():
         configs.load("demo", ["loss.dice_kind=volume"])
     with pytest.raises(DlvaeError, match=r"eval.presence must be one of class, mask"):
         configs.load("demo", ["eval.presence=area"])
+    with pytest.raises(DlvaeError, match=r"eval.presence=mask needs a mask, and cnn only classifies"):
+        configs.load("cnn", ["eval.presence=mask"])
     assert ex.loss_from_config(configs.load("demo", ["loss.dice_kind=batch"])).dice_kind == "batch"
     # A term registered (e.g. by a config file) takes a weight that the config did not list.
     losses.term("test_extra_term")(lambda outputs, batch, cfg, ctx: None)

@@ -407,9 +407,14 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     _validate_loss(cfg.loss, where, check_names=complete)
     from dlvae_jax.metrics import PRESENCE_RULES
 
+    from dlvae_jax.models.registry import MODELS
+
     presence = cfg.eval.get("presence", "class") if "eval" in cfg else "class"
     if presence not in PRESENCE_RULES:
         raise ConfigError(_at(where, f"eval.presence must be one of {', '.join(PRESENCE_RULES)}, got {presence!r}"))
+    if presence == "mask" and name in MODELS and not MODELS[name].outputs_mask:
+        raise ConfigError(_at(where, f"eval.presence=mask needs a mask, and {name} only classifies slices; "
+                                     "use eval.presence=class"))
     k = value("preprocess", "k")
     if not 2 <= k <= 255:
         raise ConfigError(_at(where, f"preprocess.k must be in [2, 255] (clusters of grey levels), got {k}"))

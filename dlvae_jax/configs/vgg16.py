@@ -6,4 +6,5 @@ from dlvae_jax.configs.cpu import get_config as cpu_config
 def get_config():
     c = cpu_config()
     c.model = dict(name="vgg16", dtype="float32", features=16, hidden=64)
+    c.eval.presence = "class"  # no mask: the class head calls each slice
     return c
