@@ -252,7 +252,7 @@ DICE_KINDS = ("slice", "batch")
 
 def soft_dice_loss(
     mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: float = 1.0, valid_B: jax.Array | None = None,
-    kind: str = "slice",
+    kind: str = "slice", axis_name: str | None = None,
 ) -> jax.Array:
     """1 - soft Dice of sigmoid(logits) against the binary mask.
 
@@ -261,8 +261,13 @@ def soft_dice_loss(
     prediction on an empty mask (most LGG slices) score 1, not 0/0.
     kind="batch": the sums run over every (valid) slice of the batch at once,
     as nnU-Net's batch Dice does, so each tumor pixel weighs the same whatever
-    its slice (closer to Dice per volume, which pools a patient's slices);
-    with data parallelism the batch is the one each device holds.
+    its slice (closer to Dice per volume, which pools a patient's slices).
+    The batch is the global one under every runner: with `axis_name` (the
+    step runs per device) the sums are taken over all devices, and each
+    device returns the global loss plus its own sums' first-order share of
+    it scaled by the device count, so the runners' mean over devices of
+    losses and gradients is the global batch Dice and its gradient, as
+    under jit.
     """
     if kind not in DICE_KINDS:
         raise ValueError(f"dice kind must be one of {DICE_KINDS}, got {kind!r}")
@@ -271,7 +276,16 @@ def soft_dice_loss(
     if kind == "batch":
         w = jnp.ones(p.shape[:1], jnp.float32) if valid_B is None else _f32(valid_B)
         p, t = p * w[:, None, None], t * w[:, None, None]
-        return 1.0 - (2.0 * jnp.sum(p * t) + smooth) / (jnp.sum(p) + jnp.sum(t) + smooth)
+        inter, denom = jnp.sum(p * t), jnp.sum(p) + jnp.sum(t)
+        if axis_name is None:
+            return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+        n = jax.lax.psum(1, axis_name)
+        g_inter, g_denom = jax.lax.psum(jax.lax.stop_gradient((inter, denom)), axis_name)
+        value = 1.0 - (2.0 * g_inter + smooth) / (g_denom + smooth)
+        d_inter = -2.0 / (g_denom + smooth)
+        d_denom = (2.0 * g_inter + smooth) / (g_denom + smooth) ** 2
+        return value + n * (d_inter * (inter - jax.lax.stop_gradient(inter))
+                            + d_denom * (denom - jax.lax.stop_gradient(denom)))
     inter = jnp.sum(p * t, axis=(1, 2))
     denom = jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))
     return _batch_mean(1.0 - (2.0 * inter + smooth) / (denom + smooth), valid_B)
@@ -396,7 +410,7 @@ def _segmentation_term(outputs, batch, cfg, ctx):
     if outputs.get("mask_logits_BxHxW") is None or batch.get("mask_BxHxW") is None:
         return None
     dice = soft_dice_loss(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], cfg.dice_smooth, ctx.valid_B,
-                          cfg.dice_kind)
+                          cfg.dice_kind, ctx.axis_name)
     bce = pixel_bce(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], ctx.valid_B)
     return cfg.seg_dice_weight * dice + cfg.seg_bce_weight * bce, {"segmentation_dice": dice, "segmentation_bce": bce}
 

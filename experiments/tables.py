@@ -363,8 +363,9 @@ def render(out: Path, order: list[str], meta: dict) -> str:
               "volume (validation at half and at the end of training); the classifiers CNN, VGG16-CNN and DCNN, "
               "whose masks are empty, with their final weights.",
               f"- Machine: {meta['machine']}; wall time of the cells so far: {meta['wall']}.",
-              "- Slice metrics: a slice is 'tumor' when the model's class head says so (probability >= 0.5); "
-              "for the K-means ROI, when its ROI is not empty. The paper does not say whether its figures are "
+              "- Slice metrics: a slice is 'tumor' by the run's eval.presence rule: the class head's probability "
+              ">= 0.5 ('class', the classifiers), or a non-empty mask ('mask', DL-VAE-CNN and U-Net, from the cpu "
+              "config); for the K-means ROI, when its ROI is not empty. The paper does not say whether its figures are "
               "per slice, per pixel or per image set, nor on which patients; its column is printed as "
               "published, not as a like-for-like comparison.", ""]
     for metric, key, roman, fig in CLASS_METRICS:

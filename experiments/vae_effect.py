@@ -240,8 +240,8 @@ def render(result: dict, analysis: dict, out: Path, runs: Path | None = None) ->
         acc = s["slice_accuracy"]
         lines.append(f"| {a} | {d['n']} | {d['mean']:.3f} | {d['sd']:.3f} | {d['median']:.3f} | "
                      f"{d['q25']:.3f}-{d['q75']:.3f} | {'' if acc is None else f'{acc:.3f}'} |")
-    lines += ["", "Slice accuracy pools the test slices of all folds (class head for the networks; "
-              "'ROI not empty' for K-means).", "",
+    lines += ["", "Slice accuracy pools the test slices of all folds (the networks: each run's eval.presence "
+              "rule, the class head or a non-empty mask; K-means: 'ROI not empty').", "",
               "## Paired differences (per patient, first arm minus second)", "",
               "| pair | n | mean diff | 95% CI (bootstrap) | median diff | wins / losses / ties | Wilcoxon p |",
               "|---|---|---|---|---|---|---|"]

@@ -249,7 +249,11 @@ def test_evaluate_presence_from_the_mask(monkeypatch, workdir, data_dir, use_fak
     for key, value in want.items():
         assert report[key] == pytest.approx(value, abs=1e-9), key
     assert report["presence"] == "mask"
-    assert run_cli(monkeypatch, ["evaluate", "--workdir", str(workdir), "--presence", "area"]) != 0
+    with pytest.raises(evaluate_mod.DlvaeError, match="--presence must be one of class, mask"):
+        evaluate_mod.evaluate(workdir, presence="area")
+    fake.segments = False  # a classifier: its pixel map is empty, so mask presence would call nothing tumor
+    with pytest.raises(evaluate_mod.DlvaeError, match="gives no mask"):
+        evaluate_mod.evaluate(workdir, presence="mask")
 
 
 def test_overlay_patients_spread_over_the_dice_ranking():

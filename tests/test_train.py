@@ -171,7 +171,7 @@ if name == "dlvae_cnn":
 model = get_model(name, **kw)
 state0 = jax.device_get(create_state(model, tx, jax.random.key(1), example_inputs(2, S, 1)))  # host copy: steps donate
 
-loss_cfg = LossConfig.make(free_bits=float(sys.argv[3]))
+loss_cfg = LossConfig.make(free_bits=float(sys.argv[3]), dice_kind=sys.argv[4])
 def step_fn(model):
     return functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg, prep=prep,
                              augment=AugmentConfig())
@@ -205,8 +205,10 @@ for runner_name in runners:
 # free_bits 0.3 nats: at this state the dimensions' batch-mean KL spans 0.18-1.24,
 # so the floor is active for some dimensions and not for others, and the
 # per-device means of 2 rows fall on either side of it.
-@pytest.mark.parametrize("model,free_bits", [("unet", 0.0), ("dlvae_cnn", 0.3)])
-def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits):
+# Batch Dice pools the global batch: per device it would differ (2 rows each).
+@pytest.mark.parametrize("model,free_bits,dice_kind", [("unet", 0.0, "slice"), ("dlvae_cnn", 0.3, "slice"),
+                                                        ("unet", 0.0, "batch")])
+def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits, dice_kind):
     """One step on a global batch of 16 over 8 simulated devices: parameters,
     batch-norm statistics and every logged metric within 1e-5 of the
     single-device step, for every runner. For dlvae_cnn this needs the model's
@@ -215,7 +217,8 @@ def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits
     one draw per device, a floor per device)."""
     runners = "jit,shard_map,pmap"
     env = dict(FAST_ENV, XLA_FLAGS=FAST_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
-    res = subprocess.run([sys.executable, "-c", RUNNER_CHECK, model, runners, str(free_bits)], cwd=REPO_ROOT, env=env,
+    res = subprocess.run([sys.executable, "-c", RUNNER_CHECK, model, runners, str(free_bits), dice_kind],
+                         cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     results = [l.split() for l in res.stdout.splitlines() if l.startswith("RESULT")]

@@ -354,7 +354,8 @@ def evaluate(
     flips = getattr(predictor, "tta_flips", ALL_FLIPS)
     if tta and len(flips) == 1:
         print_warning(f"{workdir}: --tta: the run trained without flips, so test-time augmentation has no "
-                      "other view to average; the predictions are single passes")
+                      "other view to average; scoring single passes")
+        predictor.tta = tta = False
     if min_component is None:
         min_component = int(getattr(predictor, "min_component", 0))
     if min_component < 0:
@@ -363,6 +364,9 @@ def evaluate(
         presence = str(getattr(predictor, "presence", "class"))
     if presence not in metrics.PRESENCE_RULES:
         raise DlvaeError(f"--presence must be one of {', '.join(metrics.PRESENCE_RULES)}, got {presence!r}")
+    if presence == "mask" and not getattr(predictor, "segments", True):
+        raise DlvaeError(f"--presence mask: the {model_name} model in {workdir} gives no mask, only a slice "
+                         "label; use --presence class")
     score_flips = tta and getattr(predictor, "segments", True)
     calibration = CalibrationAccumulator() if samples or score_flips else None
     used = getattr(predictor, "checkpoint", checkpoint)

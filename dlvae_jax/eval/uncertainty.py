@@ -7,7 +7,7 @@ probability p per pixel and an uncertainty u per pixel:
   label-free posterior q(z | x, Y = unknown) it was trained with
   (`Predictor.sample_stats`);
 * ``tta``: test-time augmentation, any model: the prediction on the slice
-  and on its left-right, up-down and both flips, flipped back
+  and on the flips the run trained with (`trained_flips`), flipped back
   (`flips_mean`; `Predictor` with `tta` predicts this way).
 
 u is the predictive entropy of p in bits (`predictive_entropy`); the
