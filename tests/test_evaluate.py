@@ -312,6 +312,36 @@ def test_evaluate_split_errors(monkeypatch, tmp_path, workdir, data_dir, use_fak
         assert len(err.splitlines()) == 1 and words in err, err
 
 
+def test_predict_presence_and_component_flags(monkeypatch, tmp_path, workdir, data_dir, use_fake, capsys):
+    """predict --presence mask --min-component N: each slice's call is whether its
+    mask, without components under N pixels, is empty; the class head is not read."""
+    from scipy import ndimage
+
+    fake = use_fake("noisy")
+    patient = sorted(p for p in data_dir.iterdir() if p.is_dir())[0]
+    out = tmp_path / "pred"
+    argv = ["predict", "--workdir", str(workdir), "--out", str(out), "--presence", "mask", "--min-component", "40",
+            "--quiet", str(patient)]
+    assert run_cli(monkeypatch, argv) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    disagree = 0
+    for row in rows:
+        flair = tifffile.imread(row["input"])[:, :, 1]
+        ref = fake(flair[None])
+        pix = ref["prob_BxHxW"][0] >= 0.5
+        labels, n = ndimage.label(pix, structure=np.ones((3, 3), bool))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = pix & (sizes[labels] >= 40)
+        np.testing.assert_array_equal(tifffile.imread(out / f"{row['output']}_mask.tif"), keep.astype(np.uint8) * 255)
+        assert row["tumor"] == bool(keep.any())
+        disagree += row["tumor"] != bool(ref["tumor_prob_B"][0] >= 0.5)
+    assert disagree > 0, "the class head's coin flips would have given other calls"
+    fake.segments = False
+    argv[4] = str(tmp_path / "pred2")
+    assert run_cli(monkeypatch, argv) == 2 and "gives no mask" in capsys.readouterr().err
+    assert not (tmp_path / "pred2").exists()
+
+
 @pytest.mark.parametrize("channels", ["flair", "all"])
 def test_predict_files(monkeypatch, tmp_path, workdir, data_dir, use_fake, channels):
     fake = use_fake("noisy", channels)

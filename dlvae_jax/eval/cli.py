@@ -53,11 +53,28 @@ def _cmd_predict(args) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=_progress(args),
+        tta=args.tta,
+        min_component=args.min_component,
+        presence=args.presence,
     )
     n_tumor = sum(r["tumor"] for r in rows)
     print(f"{len(rows)} slices, {n_tumor} called tumor; wrote {args.out} (predictions.jsonl, masks, overlays"
           + (", mean and entropy maps)" if args.samples else ")"))
     return 0
+
+
+def _prediction_flags(p) -> None:
+    """--tta, --min-component and --presence, shared by evaluate and predict."""
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict as the mean over each slice and the flips the run trained with (augment.p_flip_lr, "
+                        "p_flip_ud), and (evaluate) score the flips' uncertainty maps unless --samples is given; --no-tta "
+                        "predicts single passes (default: the run's eval.tta)")
+    p.add_argument("--min-component", type=int, default=None, metavar="N",
+                   help="remove predicted tumor components smaller than N pixels (default: the run's "
+                        "eval.min_component)")
+    p.add_argument("--presence", choices=("class", "mask"), default=None,
+                   help="what calls a slice tumor: class, the class head (a slice it calls no tumor gets an empty "
+                        "mask); mask, a non-empty mask (default: the run's eval.presence)")
 
 
 def register(subparsers) -> None:
@@ -89,16 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=0,
                    help="DL-VAE-CNN: also score uncertainty maps from N latent draws of the label-free posterior "
                         "(AUROC of entropy for pixel errors, ECE, reliability.png); default 0")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="predict as the mean over each slice and the flips the run trained with (augment.p_flip_lr, "
-                        "p_flip_ud), and score the flips' uncertainty maps unless --samples is given; --no-tta "
-                        "predicts single passes (default: the run's eval.tta)")
-    p.add_argument("--min-component", type=int, default=None, metavar="N",
-                   help="remove predicted tumor components smaller than N pixels (default: the run's "
-                        "eval.min_component)")
-    p.add_argument("--presence", choices=("class", "mask"), default=None,
-                   help="what calls a slice tumor: class, the class head (a slice it calls no tumor gets an empty "
-                        "mask); mask, a non-empty mask (default: the run's eval.presence)")
+    _prediction_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
     p.add_argument("--empty", choices=("one", "exclude"), default="one",
                    help="how a patient (or slice) with no tumor in truth or prediction enters the Dice and IoU "
@@ -131,6 +139,7 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=0,
                    help="stochastic predictions per slice for the mean and entropy maps (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    _prediction_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)

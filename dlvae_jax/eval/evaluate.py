@@ -346,27 +346,10 @@ def evaluate(
     if samples and not getattr(predictor, "can_sample", False):
         raise DlvaeError(f"--samples: the {model_name} model in {workdir} is deterministic (no latent to "
                          "sample); use --tta for test-time-augmentation uncertainty")
-    if tta is not None:
-        predictor.tta = bool(tta)
-    tta = bool(getattr(predictor, "tta", False))
+    tta, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
     from dlvae_jax.eval.uncertainty import ALL_FLIPS
 
     flips = getattr(predictor, "tta_flips", ALL_FLIPS)
-    if tta and len(flips) == 1:
-        print_warning(f"{workdir}: --tta: the run trained without flips, so test-time augmentation has no "
-                      "other view to average; scoring single passes")
-        predictor.tta = tta = False
-    if min_component is None:
-        min_component = int(getattr(predictor, "min_component", 0))
-    if min_component < 0:
-        raise DlvaeError(f"--min-component must be >= 0, got {min_component}")
-    if presence is None:
-        presence = str(getattr(predictor, "presence", "class"))
-    if presence not in metrics.PRESENCE_RULES:
-        raise DlvaeError(f"--presence must be one of {', '.join(metrics.PRESENCE_RULES)}, got {presence!r}")
-    if presence == "mask" and not getattr(predictor, "segments", True):
-        raise DlvaeError(f"--presence mask: the {model_name} model in {workdir} gives no mask, only a slice "
-                         "label; use --presence class")
     score_flips = tta and getattr(predictor, "segments", True)
     calibration = CalibrationAccumulator() if samples or score_flips else None
     used = getattr(predictor, "checkpoint", checkpoint)

@@ -209,6 +209,42 @@ def read_config(workdir: Path):
         raise DlvaeError(f"{path}: unreadable ({err})") from None
 
 
+def prediction_settings(predictor, workdir, tta: bool | None = None, min_component: int | None = None,
+                        presence: str | None = None) -> tuple[bool, int, str]:
+    """Applies `evaluate`'s and `predict`'s --tta, --min-component and
+    --presence to a predictor (None keeps the run's `eval.*` value) and
+    returns the settings in force: (tta, min_component, presence).
+
+    Raises DlvaeError for a negative size, an unknown rule, or mask presence
+    asked of a model that gives no mask. --tta on a run trained without flips
+    warns and predicts single passes (there is no other view to average)."""
+    from dlvae_jax.errors import print_warning
+    from dlvae_jax.metrics import PRESENCE_RULES
+
+    try:
+        name = str(predictor.config["model"]["name"])
+    except (AttributeError, KeyError, TypeError):
+        name = "trained"
+    if tta is not None:
+        predictor.tta = bool(tta)
+    tta = bool(getattr(predictor, "tta", False))
+    if tta and len(getattr(predictor, "tta_flips", ((False, False), (False, True)))) == 1:
+        print_warning(f"{workdir}: --tta: the run trained without flips, so test-time augmentation has no "
+                      "other view to average; predicting single passes")
+        predictor.tta = tta = False
+    min_component = int(getattr(predictor, "min_component", 0) if min_component is None else min_component)
+    if min_component < 0:
+        raise DlvaeError(f"--min-component must be >= 0, got {min_component}")
+    presence = str(getattr(predictor, "presence", "class") if presence is None else presence)
+    if presence not in PRESENCE_RULES:
+        raise DlvaeError(f"--presence must be one of {', '.join(PRESENCE_RULES)}, got {presence!r}")
+    if presence == "mask" and not getattr(predictor, "segments", True):
+        raise DlvaeError(f"--presence mask: the {name} model in {workdir} gives no mask, only a slice label; "
+                         "use --presence class")
+    predictor.min_component, predictor.presence = min_component, presence
+    return tta, min_component, presence
+
+
 def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
     """The run's model at its best (highest validation score) or latest checkpoint.
 

@@ -146,8 +146,13 @@ def predict(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    tta: bool | None = None,
+    min_component: int | None = None,
+    presence: str | None = None,
 ) -> list[dict]:
-    """Writes the files of the module docstring into `out`; returns the predictions.jsonl rows."""
+    """Writes the files of the module docstring into `out`; returns the predictions.jsonl rows.
+
+    tta, min_component, presence: as `evaluate`'s (None: the run's `eval.*`)."""
     from tqdm import tqdm
 
     workdir, out = Path(workdir), Path(out)
@@ -158,6 +163,7 @@ def predict(
     if samples and not getattr(predictor, "can_sample", True):
         raise DlvaeError(f"--samples: the {predictor.config.model.name} model in {workdir} is deterministic "
                          "(no latent to sample), so every sample would be the same prediction; drop --samples")
+    _, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
     rows: list[dict] = []
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
@@ -175,8 +181,7 @@ def predict(
                 head_means.append(m)
                 head_shares.append(sh)
                 result = predictor(images)
-                masks, labels = decide(result, len(names), flair.shape[1:], getattr(predictor, "min_component", 0),
-                                       getattr(predictor, "presence", "class"))
+                masks, labels = decide(result, len(names), flair.shape[1:], min_component, presence)
                 tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
                 prob = np.asarray(result["prob_BxHxW"], np.float32)
                 mean = None
