@@ -163,9 +163,9 @@ def predict(
     if samples and not getattr(predictor, "can_sample", True):
         raise DlvaeError(f"--samples: the {predictor.config.model.name} model in {workdir} is deterministic "
                          "(no latent to sample), so every sample would be the same prediction; drop --samples")
-    _, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
     rows: list[dict] = []
     _check_out(out, workdir)
+    _, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
         channels = model_channels(predictor.config)
         bar = tqdm(total=sum(c.n_slices for c in cases), desc="predict",
