@@ -165,8 +165,9 @@ def predict(
                          "(no latent to sample), so every sample would be the same prediction; drop --samples")
     rows: list[dict] = []
     _check_out(out, workdir)
-    _, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
+        # After the output folder's checks, so a refused --out is refused before the model is used.
+        _, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
         channels = model_channels(predictor.config)
         bar = tqdm(total=sum(c.n_slices for c in cases), desc="predict",
                    unit="slice", disable=not progress, file=sys.stderr)
