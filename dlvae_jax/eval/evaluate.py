@@ -52,7 +52,7 @@ from dlvae_jax.data import lgg, shift
 from dlvae_jax.data.splits import SPLITS_FILE, read_splits
 from dlvae_jax.errors import DlvaeError, print_warning
 from dlvae_jax.eval import inference
-from dlvae_jax.eval.uncertainty import CalibrationAccumulator, predictive_entropy, save_reliability
+from dlvae_jax.eval.uncertainty import ALL_FLIPS, CalibrationAccumulator, predictive_entropy, save_reliability
 from dlvae_jax.io import atomic_path, write_json, write_text
 from dlvae_jax.metrics import THRESHOLD, decide
 from dlvae_jax.outdir import MARKER, WORKDIR_COMMANDS, read_marker
@@ -347,8 +347,6 @@ def evaluate(
         raise DlvaeError(f"--samples: the {model_name} model in {workdir} is deterministic (no latent to "
                          "sample); use --tta for test-time-augmentation uncertainty")
     tta, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
-    from dlvae_jax.eval.uncertainty import ALL_FLIPS
-
     flips = getattr(predictor, "tta_flips", ALL_FLIPS)
     score_flips = tta and getattr(predictor, "segments", True)
     calibration = CalibrationAccumulator() if samples or score_flips else None
