@@ -508,15 +508,14 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
             f"predictor returned prob {prob.shape} and tumor_prob {tumor_prob.shape} "
             f"for {n} slices of {shape_HxW[0]}x{shape_HxW[1]}"
         )
-    if presence == "mask":
-        masks = prob >= THRESHOLD
-        if min_component > 1:
-            masks = remove_small_components(masks, min_component)
-        return masks, masks.any(axis=(1, 2))
-    labels = tumor_prob >= THRESHOLD
-    masks = (prob >= THRESHOLD) & labels[:, None, None]
+    masks = prob >= THRESHOLD
+    if presence == "class":
+        labels = tumor_prob >= THRESHOLD
+        masks &= labels[:, None, None]
     if min_component > 1:
         masks = remove_small_components(masks, min_component)
+    if presence == "mask":
+        labels = masks.any(axis=(1, 2))
     return masks, labels
 
 

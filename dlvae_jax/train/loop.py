@@ -170,10 +170,10 @@ def evaluate_split(runner, variables, loader, cfg) -> dict:
     global_batch = -(-int(cfg.eval.batch_size) // n_dev) * n_dev
     ds = eval_dataset(loader, global_batch_size=global_batch, shard=Shard.from_jax())
     rows = []
+    min_component, presence = int(cfg.eval.get("min_component", 0)), str(cfg.eval.get("presence", "class"))
     for host in host_iterator(ds, num_threads=1):
         out = runner.local_rows(runner.eval(variables, runner.put_batch(host)))
         n, shape = len(host["index_B"]), host["mask_BxHxW"].shape[1:]
-        min_component, presence = int(cfg.eval.get("min_component", 0)), str(cfg.eval.get("presence", "class"))
         masks, labels = metrics.decide(out, n, shape, min_component, presence)
         truth = host["mask_BxHxW"] > 0
         row = dict(metrics.slice_stats(masks, truth, labels, truth.any(axis=(1, 2))),
