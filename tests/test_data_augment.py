@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,43 @@ def test_all_channels(batch):
     assert out.shape == rgb.shape
     np.testing.assert_allclose(np.asarray(out)[..., 0], np.asarray(one), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(m), np.asarray(m1))
+
+
+def test_missing_sequences_copy_flair_into_pre_and_post_contrast(batch):
+    """Each of channels 0 and 2 is the FLAIR channel (1) or itself, FLAIR never changes,
+    the other draws do not move, and over many examples each pattern appears about
+    as often as the probability says (p = 0.5: 1/4 each)."""
+    images, masks = batch
+    rgb = np.stack([images, images // 2 + 7, 255 - images], -1)
+    n = 400
+    many = np.repeat(rgb[:1], n, axis=0)
+    many_masks = np.repeat(masks[:1], n, axis=0)
+    cfg = AugmentConfig(p_flip_lr=0.0, max_rotate_deg=0.0, max_scale=0.0, max_contrast=0.0,
+                        max_brightness=0.0, p_missing_sequence=0.5)
+    out = np.asarray(augment_batch(jax.random.key(4), many, many_masks, cfg)[0])
+    x = rgb[0].astype(np.float32) / 255.0
+    np.testing.assert_allclose(out[..., 1], np.broadcast_to(x[..., 1], out[..., 1].shape), atol=1e-6)
+    patterns = []
+    for o in out:
+        pattern = []
+        for ch in (0, 2):
+            if np.allclose(o[..., ch], x[..., 1], atol=1e-6):
+                pattern.append(1)
+            else:
+                np.testing.assert_allclose(o[..., ch], x[..., ch], atol=1e-6)
+                pattern.append(0)
+        patterns.append(tuple(pattern))
+    counts = {p: patterns.count(p) for p in ((0, 0), (0, 1), (1, 0), (1, 1))}
+    # Binomial(400, 1/4): sd 8.7; 60..140 is more than 4.5 sd either side.
+    assert all(60 <= c <= 140 for c in counts.values()), counts
+    # The geometric and intensity draws do not depend on the option.
+    geo = AugmentConfig(max_contrast=0.0, max_brightness=0.0)
+    plain = np.asarray(augment_batch(jax.random.key(5), rgb, masks, geo)[0])
+    dropped = np.asarray(augment_batch(jax.random.key(5), rgb, masks,
+                                       dataclasses.replace(geo, p_missing_sequence=1.0))[0])
+    np.testing.assert_allclose(dropped[..., 1], plain[..., 1], atol=1e-6)
+    np.testing.assert_allclose(dropped[..., 0], plain[..., 1], atol=1e-6)
+    np.testing.assert_allclose(dropped[..., 2], plain[..., 1], atol=1e-6)
+    # FLAIR-only input is left alone.
+    one = augment_batch(jax.random.key(5), images, masks, dataclasses.replace(NONE, p_missing_sequence=1.0))[0]
+    np.testing.assert_allclose(np.asarray(one), images.astype(np.float32) / 255.0, atol=1e-6)

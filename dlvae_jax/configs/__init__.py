@@ -404,6 +404,10 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0 or fractions[1] <= 0:
         raise ConfigError(_at(where, "data.fractions must be (train, validation, test) shares >= 0 summing to 1, "
                                      f"with train and validation > 0; got {tuple(value('data', 'fractions'))}"))
+    for key in ("p_flip_lr", "p_flip_ud", "p_missing_sequence"):
+        v = value("augment", key)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(_at(where, f"augment.{key} must be a probability in [0, 1], got {v}"))
     _validate_loss(cfg.loss, where, check_names=complete)
     from dlvae_jax.metrics import PRESENCE_RULES
 

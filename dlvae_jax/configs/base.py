@@ -26,6 +26,7 @@ def base() -> ml_collections.ConfigDict:
     c.augment = dict(
         p_flip_lr=0.5, p_flip_ud=0.0, max_rotate_deg=10.0, max_scale=0.1,
         max_contrast=0.1, max_brightness=0.05,
+        p_missing_sequence=0.0,  # pre- / post-contrast replaced by FLAIR, as the LGG data marks a missing sequence
     )
     c.preprocess = dict(
         equalize="head",       # "head" (the project's default) or "whole" (the paper's order)

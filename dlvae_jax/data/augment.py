@@ -8,6 +8,14 @@ rotation of up to `max_rotate_deg` degrees and an isotropic scaling in
 resampled bilinearly, the mask with nearest neighbour so it stays binary; both
 are zero outside the source. Intensity jitter (contrast gain, brightness
 offset) applies to the image only, then it is clipped to [0, 1].
+
+Missing sequences: in the LGG dataset a patient whose pre-contrast or
+post-contrast sequence was not acquired carries FLAIR in its place (Buda et
+al., 2019; 3 of the 39 shared patients, two of them FLAIR in all three
+channels). With `p_missing_sequence` > 0 each of those two channels of a
+3-channel slice is replaced by its FLAIR channel with that probability,
+independently, before the geometric transform, so a model fed all three
+channels also learns to read slices that have FLAIR alone.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
+from dlvae_jax.data.lgg import FLAIR_CHANNEL
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -28,7 +38,18 @@ class AugmentConfig:
     max_scale: float = 0.1     # scale factor drawn from [1 - max_scale, 1 + max_scale]
     max_contrast: float = 0.1  # gain drawn from [1 - max_contrast, 1 + max_contrast]
     max_brightness: float = 0.05  # offset drawn from [-b, b], image units in [0, 1]
+    p_missing_sequence: float = 0.0  # pre- / post-contrast channel replaced by FLAIR (3-channel slices)
     image_order: int = 1       # 1 = bilinear; 0 = nearest (tests use it to compare with the mask)
+
+
+_MISSING_KEY = 7   # folded into the example key, so the other draws do not change with this option
+
+
+def missing_sequences(key, image, p: float):
+    """image [H, W, 3]: channels 0 and 2 each replaced by FLAIR with probability p."""
+    drop = jax.random.bernoulli(jax.random.fold_in(key, _MISSING_KEY), p, (3,))
+    drop = drop.at[FLAIR_CHANNEL].set(False)
+    return jnp.where(drop, image[..., FLAIR_CHANNEL:FLAIR_CHANNEL + 1], image)
 
 
 def _params(key, cfg: AugmentConfig):
@@ -69,6 +90,8 @@ def augment_example(key, image, mask_HxW, cfg: AugmentConfig = AugmentConfig()):
     if jnp.issubdtype(image.dtype, jnp.integer):
         image = image.astype(jnp.float32) / 255.0
     image = image.astype(jnp.float32)
+    if cfg.p_missing_sequence > 0 and image.ndim == 3 and image.shape[-1] == 3:
+        image = missing_sequences(key, image, cfg.p_missing_sequence)
     h, w = mask_HxW.shape
     p = _params(key, cfg)
     coords = _source_coords(h, w, p)
