@@ -210,3 +210,33 @@ def test_check_real_data(lgg_dir, capsys):
     assert "patients: 39 " in out and "slices: 1364\n" in out
     assert f"slices with tumor: {tumor}\n" in out
     assert len(masks) == 1364
+
+
+def test_flair_in_place_of_a_missing_sequence_is_reported(copy_dir, capsys):
+    """A patient whose post-contrast channel is FLAIR on every slice is reported, one whose
+    pre-contrast is FLAIR on only some slices is not, and a blank slice (every channel 0)
+    neither makes nor breaks a patient's finding."""
+    p1, p2 = sorted(d for d in copy_dir.iterdir() if d.is_dir())
+    for f in sorted(p1.glob("*.tif")):
+        if f.name.endswith("_mask.tif"):
+            continue
+        im = tifffile.imread(f)
+        im[:, :, 2] = im[:, :, 1]
+        tifffile.imwrite(f, im)
+    blank = next(f for f in sorted(p1.glob("*.tif")) if not f.name.endswith("_mask.tif"))
+    tifffile.imwrite(blank, np.zeros_like(tifffile.imread(blank)))
+    first = next(f for f in sorted(p2.glob("*.tif")) if not f.name.endswith("_mask.tif"))
+    im = tifffile.imread(first)
+    im[:, :, 0] = im[:, :, 1]
+    tifffile.imwrite(first, im)
+    # What the files say, read independently of the reader.
+    for d, expect in ((p1, True), (p2, False)):
+        slices = [tifffile.imread(f) for f in d.glob("*.tif") if not f.name.endswith("_mask.tif")]
+        lit = [s for s in slices if s[:, :, 1].any()]
+        assert all(np.array_equal(s[:, :, 2], s[:, :, 1]) for s in lit) is expect
+    idx = lgg.scan(copy_dir)
+    pid1 = "_".join(p1.name.split("_")[:3])
+    assert idx.missing_sequences == {pid1: ["post-contrast"]}
+    assert main(["data", "check", "--data-dir", str(copy_dir)]) == 0
+    assert f"FLAIR in place of a missing sequence: 1 patients ({pid1}: post-contrast)" in capsys.readouterr().out
+    assert lgg.scan(copy_dir, validate=False).missing_sequences == {}  # images not read: nothing claimed

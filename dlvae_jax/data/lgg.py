@@ -65,7 +65,8 @@ class LggIndex:
 
     ``image_shape`` is the (H, W, 3) shape shared by every image; ``warnings``
     holds non-fatal findings; ``skipped`` holds (path, fault) of every file
-    dropped under ``skip_bad=True``.
+    dropped under ``skip_bad=True``; ``missing_sequences`` the patients whose
+    pre- or post-contrast channel is a copy of FLAIR.
     """
 
     root: Path
@@ -73,6 +74,9 @@ class LggIndex:
     image_shape: tuple[int, int, int]
     warnings: list[str] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # patient -> sequences ("pre-contrast", "post-contrast") its slices carry as a copy of FLAIR, the
+    # dataset's mark of a sequence not acquired; found when the images are read (scan(validate=True))
+    missing_sequences: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -147,15 +151,26 @@ def _check_mask(path: Path, mask: np.ndarray) -> bool:
     return bool(values.size > 1 or values[0] != 0)
 
 
-def _validate_pair(image_path: Path, mask_path: Path) -> tuple[tuple[int, ...], bool]:
-    """Reads and checks one slice; returns (image shape, has_tumor) or raises DataError."""
+def flair_copies(image: np.ndarray) -> tuple[bool, bool] | None:
+    """For a (H, W, 3) slice: whether its pre-contrast and its post-contrast
+    channels equal its FLAIR channel, the dataset's mark of a sequence that
+    was not acquired; None for a slice whose FLAIR is blank (all channels of
+    an empty slice are equal, whatever was acquired)."""
+    flair = image[:, :, FLAIR_CHANNEL]
+    if not flair.any():
+        return None
+    return bool(np.array_equal(image[:, :, 0], flair)), bool(np.array_equal(image[:, :, 2], flair))
+
+
+def _validate_pair(image_path: Path, mask_path: Path) -> tuple[tuple[int, ...], bool, tuple[bool, bool] | None]:
+    """Reads and checks one slice; returns (image shape, has_tumor, `flair_copies`) or raises DataError."""
     image = _read_tiff(image_path)
     _check_image(image_path, image)
     mask = _read_tiff(mask_path)
     has_tumor = _check_mask(mask_path, mask)
     if mask.shape != image.shape[:2]:
         raise DataError(f"{mask_path}: mask shape {mask.shape} does not match image shape {image.shape[:2]}")
-    return image.shape, has_tumor
+    return image.shape, has_tumor, flair_copies(image)
 
 
 def load_slice(record: SliceRecord, channels: str = "flair") -> tuple[np.ndarray, np.ndarray]:
@@ -355,7 +370,7 @@ def scan(
             if validate:
                 return _validate_pair(image_path, mask_path)
             mask = _read_tiff(mask_path)
-            return None, _check_mask(mask_path, mask)
+            return None, _check_mask(mask_path, mask), None
         except DataError as err:
             return err
 
@@ -373,16 +388,19 @@ def scan(
     shapes = Counter(res[0] for res in results if not isinstance(res, DataError) and res[0] is not None)
     shape: tuple[int, ...] | None = shapes.most_common(1)[0][0] if shapes else None
     records: list[SliceRecord] = []
+    copies: dict[str, list[tuple[bool, bool]]] = {}  # patient -> flair_copies of its non-blank slices
     for c, res in zip(candidates, results):
         if isinstance(res, DataError):
             msg = str(res)
             faults.append((msg.split(": ", 1)[0], msg))
             continue
-        img_shape, has_tumor = res
+        img_shape, has_tumor, flair_copy = res
         if img_shape is not None and img_shape != shape:
             faults.append((str(c[0]), f"{c[0]}: image shape {img_shape} differs from the dataset's {shape}"))
             continue
         records.append(SliceRecord(c[0], c[1], c[2], c[3], c[4], has_tumor))
+        if flair_copy is not None:
+            copies.setdefault(c[2], []).append(flair_copy)
 
     if faults and not skip_bad:
         more = f" (and {len(faults) - 1} more problems; --skip-bad skips bad slices)" if len(faults) > 1 else ""
@@ -417,7 +435,18 @@ def scan(
         image_shape=tuple(shape),
         warnings=notes,
         skipped=[(p, m) for p, m in faults],
+        missing_sequences=_missing_sequences(copies),
     )
+
+
+def _missing_sequences(copies: dict[str, list[tuple[bool, bool]]]) -> dict[str, list[str]]:
+    """Patient -> the sequences every non-blank slice of it carries as a copy of FLAIR."""
+    out = {}
+    for pid, flags in sorted(copies.items()):
+        names = [name for i, name in ((0, CHANNEL_NAMES[0]), (1, CHANNEL_NAMES[2])) if all(f[i] for f in flags)]
+        if names:
+            out[pid] = names
+    return out
 
 
 def summary_lines(index: LggIndex) -> list[str]:
@@ -435,4 +464,6 @@ def summary_lines(index: LggIndex) -> list[str]:
         f"image: {h}x{w}x{c} uint8, channels: {', '.join(CHANNEL_NAMES)} "
         f"(default input: flair = channel {FLAIR_CHANNEL})",
         f"mask: {h}x{w} uint8, tumor = nonzero",
-    ]
+    ] + ([f"FLAIR in place of a missing sequence: {len(index.missing_sequences)} patients ("
+          + "; ".join(f"{p}: {', '.join(v)}" for p, v in index.missing_sequences.items()) + ")"]
+         if index.missing_sequences else [])
