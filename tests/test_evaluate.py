@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import zlib
 from pathlib import Path
 
@@ -688,3 +689,27 @@ def test_evaluate_with_nnunet_empty_convention_writes_everything(workdir, use_fa
     assert sum(r["dice"] is None for r in rows.values()) == 1
     assert (workdir / "eval_test" / "dice_per_patient.png").stat().st_size > 0
     assert ",," in (workdir / "per_patient_test.csv").read_text()  # the empty Dice cell
+
+
+def test_per_patient_rows_name_the_sequences_the_data_lacks(workdir, data_dir, use_fake, tmp_path):
+    """A test patient whose post-contrast channel is a copy of FLAIR is marked in the
+    report and the CSV; the other is not."""
+    from dlvae_jax.eval.evaluate import evaluate
+
+    use_fake("truth")
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    test_patients = read_splits(workdir / "splits.json")["test"]
+    folder = next(d for d in copy.iterdir() if d.name.startswith(test_patients[0]))
+    for f in folder.glob("*.tif"):
+        if not f.name.endswith("_mask.tif"):
+            im = tifffile.imread(f)
+            im[:, :, 2] = im[:, :, 1]
+            tifffile.imwrite(f, im)
+    report = evaluate(workdir, data_dir=copy, split="test")
+    marks = {r["patient"]: r["missing_sequences"] for r in report["per_patient"]}
+    assert marks == {test_patients[0]: "post-contrast", test_patients[1]: ""}
+    assert report["n_patients_missing_sequences"] == 1
+    rows = {r["patient"]: r for r in csv.DictReader(open(workdir / "per_patient_test.csv"))}
+    assert rows[test_patients[0]]["missing_sequences"] == "post-contrast"
+    assert rows[test_patients[1]]["missing_sequences"] == ""

@@ -20,7 +20,9 @@ atomically:
   NaN (e.g. HD95 with nothing to measure) is written as null;
 * ``W/metrics.json``: the same content for the latest evaluation, whatever
   its split, so one place always holds the most recent figures;
-* ``W/per_patient_<split>.csv``: one row per patient;
+* ``W/per_patient_<split>.csv``: one row per patient, its last column the
+  sequences the data carries as a copy of FLAIR (``missing_sequences``,
+  e.g. ``pre-contrast+post-contrast``; empty when all were acquired);
 * ``W/eval_<split>/``: ``dice_per_patient.png``, ``confusion.png`` and
   ``overlays/<patient>.png`` (per patient: the tumor slices of best, median
   and worst Dice and the largest false positive, FLAIR with the truth
@@ -73,7 +75,7 @@ PAPER_PERCENT = {
 }
 
 PER_PATIENT_COLUMNS = ("patient", "n_slices", "n_tumor_slices", "n_pred_tumor_slices", "dice", "iou", "hd95", "hd95_n",
-                       "hd95_penalized", "hd95_volume")
+                       "hd95_penalized", "hd95_volume", "missing_sequences")
 
 
 
@@ -414,6 +416,9 @@ def evaluate(
     bar.close()
 
     report = acc.report()
+    for row in report["per_patient"]:  # the dataset's FLAIR copies (`lgg.LggIndex.missing_sequences`)
+        row["missing_sequences"] = "+".join(index.missing_sequences.get(row["patient"], []))
+    report["n_patients_missing_sequences"] = sum(bool(r["missing_sequences"]) for r in report["per_patient"])
     if diagnose:
         cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         report["latent"] = metrics.latent_report(np.concatenate(latent["mean"]), np.concatenate(latent["kl"]),
