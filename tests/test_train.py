@@ -586,3 +586,35 @@ def test_fields_added_later_do_not_block_resuming_an_older_run():
     assert _config_conflict(old, new) == []
     new["eval"]["min_component"] = 25  # a real change still is one
     assert _config_conflict(old, new) == ["eval.min_component"]
+
+
+def test_a_run_without_validation_patients_is_its_last_checkpoint(tmp_path):
+    """data.fractions with a zero validation share: nothing is scored while
+    training, no best is kept, `best` loads the last save without a warning,
+    and the closing report is on the training patients, named as such."""
+    import warnings
+
+    from dlvae_jax.data.splits import read_splits
+    from dlvae_jax.eval.inference import load_predictor
+
+    with pytest.raises(DlvaeError, match="with train > 0"):
+        configs.load("demo", ["data.fractions=(0.0, 0.5, 0.5)"])
+    w = tmp_path / "noval"
+    res = _cli("train", "--config", TINY, "--workdir", str(w), "--set", "data.fractions=(0.75, 0.0, 0.25)",
+               "--set", "train.steps=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    splits = read_splits(w / "splits.json")
+    assert splits["validation"] == [] and len(splits["train"]) == 3 and len(splits["test"]) == 1
+    kinds = [json.loads(line)["kind"] for line in (w / "log.jsonl").read_text().splitlines()]
+    assert "eval" not in kinds and kinds.count("train") == 3
+    assert sorted(p.name for p in (w / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert not [p for p in (w / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    assert json.loads((w / "train_summary.json").read_text())["best_metric"] is None
+    assert "training patients (seen in training: not a figure for unseen patients): " in res.stdout
+    assert (w / "metrics_train.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor = load_predictor(w)
+    assert predictor.step == 3 and predictor.checkpoint == "latest"
+    res = _cli("evaluate", "--workdir", str(w), "--split", "val")
+    assert res.returncode != 0 and "the validation split has no patients" in res.stderr

@@ -361,8 +361,8 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     Every section of `SECTIONS` must be there and every field of `base()` with
     its type; the model must be named; seeds in [0, 2**32); the split
     fractions finite, >= 0, summing to 1 (as `dlvae_jax.data.splits` needs),
-    with non-zero train and validation shares (training fits on one and picks
-    checkpoints on the other); counts positive. `complete=False` (a run's
+    with a non-zero train share (a zero validation share trains without
+    picking a checkpoint: the model is the last one); counts positive. `complete=False` (a run's
     config.json) lets fields of `augment` and `loss` be absent: their
     dataclasses have defaults, and a run of an older version may lack one.
     """
@@ -401,9 +401,9 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
         if v < 0:
             raise ConfigError(_at(where, f"{section}.{key} must be an integer >= 0, got {v}"))
     fractions = [float(f) for f in value("data", "fractions")]
-    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0 or fractions[1] <= 0:
+    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
         raise ConfigError(_at(where, "data.fractions must be (train, validation, test) shares >= 0 summing to 1, "
-                                     f"with train and validation > 0; got {tuple(value('data', 'fractions'))}"))
+                                     f"with train > 0; got {tuple(value('data', 'fractions'))}"))
     for key in ("p_flip_lr", "p_flip_ud", "p_missing_sequence"):
         v = value("augment", key)
         if not 0.0 <= v <= 1.0:

@@ -353,7 +353,7 @@ def evaluate(
     score_flips = tta and getattr(predictor, "segments", True)
     calibration = CalibrationAccumulator() if samples or score_flips else None
     used = getattr(predictor, "checkpoint", checkpoint)
-    if used != checkpoint:
+    if used != checkpoint and inference.has_validation(workdir):  # without validation, best is the last
         print_warning(f"{workdir}: no readable {checkpoint} checkpoint; scoring the {used} one (step {predictor.step})")
     if batch_size is None:
         batch_size = int(_config_value(predictor.config, "eval", "batch_size") or 32)

@@ -245,13 +245,26 @@ def prediction_settings(predictor, workdir, tta: bool | None = None, min_compone
     return tta, min_component, presence
 
 
+def has_validation(workdir: Path) -> bool:
+    """Whether the run picked checkpoints on validation patients (a run whose
+    splits.json is missing or unreadable is taken to have, as runs always did)."""
+    from dlvae_jax.data.splits import SPLITS_FILE, read_splits
+    from dlvae_jax.errors import DataError
+
+    try:
+        return bool(read_splits(workdir / SPLITS_FILE).get("validation", True))
+    except DataError:  # a damaged splits.json is reported by whatever reads the split
+        return True
+
+
 def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
     """The run's model at its best (highest validation score) or latest checkpoint.
 
     The one loader of a trained run: `evaluate`, `predict` and the Python API
     all come here. It reads and never moves or writes anything. When "best"
     has no readable save the latest is used, with a warning, and
-    `Predictor.checkpoint` says so. A checkpoint that does not match the
+    `Predictor.checkpoint` says so; a run trained without validation patients
+    has no best, and "best" is its latest save, without a warning. A checkpoint that does not match the
     run's config raises `TemplateMismatch` naming the leaf."""
     if checkpoint not in CHECKPOINT_CHOICES:
         raise DlvaeError(f"--checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
@@ -268,7 +281,9 @@ def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
     used = checkpoint
     try:
         restored = None
-        if checkpoint == "best":
+        if checkpoint == "best" and not has_validation(workdir):
+            pass  # trained without validation patients: nothing picked a best, the model is the last save
+        elif checkpoint == "best":
             try:
                 restored = ckpt.restore_best(template)
             except NoReadableCheckpoint as err:

@@ -46,19 +46,29 @@ def _cmd_train(args) -> int:
               "to do. Score it with `dlvae-jax evaluate`, or train longer in a new --workdir "
               "(train.steps sets the learning-rate schedule)")
         return 0
+    val = summary.get("validation") or {}
+    scored = "validation"
     if jax.process_count() == 1:
         # The best checkpoint on the validation split: confusion matrix, Dice per
-        # patient and overlays in eval_validation/. (A multi-process job leaves
-        # this to `dlvae-jax evaluate`: Orbax's restore is collective.)
+        # patient and overlays in eval_validation/. A run without validation
+        # patients is its last checkpoint, scored on the patients it trained on
+        # (eval_train/), which shows what its latent carries, not how it does on
+        # others. (A multi-process job leaves this to `dlvae-jax evaluate`:
+        # Orbax's restore is collective.)
         from dlvae_jax.eval.evaluate import evaluate
+        from dlvae_jax.train.loop import summary_metrics
 
-        evaluate(summary["workdir"], data_dir=summary["data_dir"], split="validation", checkpoint="best")
-    val = summary.get("validation") or {}
+        if val:
+            evaluate(summary["workdir"], data_dir=summary["data_dir"], split="validation", checkpoint="best")
+        else:
+            scored = "training patients (seen in training: not a figure for unseen patients)"
+            val = summary_metrics(evaluate(summary["workdir"], data_dir=summary["data_dir"], split="train",
+                                           checkpoint="latest"))
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
           f"({summary['slices_per_s']:.1f} slices/s); workdir {summary['workdir']}")
     if val:
         main = {k: v for k, v in val.items() if not k.startswith(("probe_", "latent_"))}
-        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(main.items())))
+        print(f"{scored}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(main.items())))
         if "latent_kl_nats" in val:
             drops = ", ".join(f"{n} {val[f'probe_{n}_dice_drop']:+.4f}" for n in PROBES)
             print(f"VAE latent: KL {val['latent_kl_nats']:.2f} nats, {val['latent_active_units']:.0f} active units; "
@@ -97,7 +107,8 @@ def register(subparsers) -> None:
         "train", help="train a model from a config into a workdir (resumes by itself)",
         description="Train a model from a config (a name or a .py file, with --set overrides) into a workdir: "
                     "config.json, splits.json, checkpoints (latest and best by validation score), log.jsonl, "
-                    "plots, and at the end the best checkpoint scored on the validation split. Run it again on "
+                    "plots, and at the end the best checkpoint scored on the validation split (with no validation "
+                    "patients, data.fractions = (1, 0, 0), the last checkpoint on the training patients). Run it again on "
                     "the same workdir to resume where it stopped. --print-config lists every field --set "
                     "accepts.")
     p.add_argument("--config", default="demo",

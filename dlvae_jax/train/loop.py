@@ -18,7 +18,10 @@ One readable loop around the pure step (`dlvae_jax.train.step`):
 4. Every `eval_every` steps the validation split is evaluated (Dice per
    volume etc., `dlvae_jax.metrics`); the best `dice_volume_mean` (`slice_f1`
    for a classifier, whose Dice does not change) is kept
-   in `checkpoints/best`.
+   in `checkpoints/best`. A run without validation patients (the second
+   share of `data.fractions` 0: the final model on every patient, its
+   settings chosen by cross-validation) evaluates nothing, keeps no best,
+   and its model is the last checkpoint.
 5. Only process 0 writes logs, plots and the config; Orbax writes checkpoints
    from every process, as it requires.
 
@@ -215,7 +218,7 @@ def _report_from_rows(rows: dict[str, np.ndarray], records, latent_sizes: dict |
 def summary_metrics(report: dict) -> dict:
     keys = ("slice_accuracy", "slice_precision", "slice_recall", "slice_f1", "pixel_f1", "dice_volume_mean",
             "dice_volume_median", "dice_tumor_slices_mean", "iou_mean", "hd95_mean")
-    out = {k: float(report[k]) for k in keys if k in report}
+    out = {k: float(report[k]) for k in keys if report.get(k) is not None}  # None: NaN in a written report
     if "latent" in report:
         out["latent_kl_nats"] = float(report["latent"]["kl_nats"])
         out["latent_active_units"] = float(report["latent"]["active_units"])
@@ -340,7 +343,9 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: str) -> dic
     source = dict(source=cfg.data.source, cache_dir=cfg.data.cache_dir or wd / "cache",
                   tfds_dir=cfg.data.tfds_dir or None)
     train_loader = split_loader(index, splits, "train", channels, **source)
-    val_loader = split_loader(index, splits, "validation", channels, **source)
+    # With no validation patients (data.fractions' second share 0) nothing is
+    # scored while training and the model is the last checkpoint.
+    val_loader = split_loader(index, splits, "validation", channels, **source) if splits.get("validation") else None
 
     model = ex.model_from_config(cfg)
     axis_model = ex.model_from_config(cfg, norm_axis_name="data") if parallel != "jit" else model
@@ -449,8 +454,10 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: str) -> dic
                     last_data_state = data_pos
                     if bar is not None:
                         bar.update(1)
-                    do_eval = step_no % int(cfg.train.eval_every) == 0 or step_no == total
-                    do_ckpt = do_eval or step_no % int(cfg.train.checkpoint_every) == 0
+                    do_eval = val_loader is not None and (step_no % int(cfg.train.eval_every) == 0
+                                                          or step_no == total)
+                    do_ckpt = (do_eval or step_no % int(cfg.train.checkpoint_every) == 0
+                               or step_no == total)
                     # Whether to stop is agreed at these boundaries only: one small
                     # collective every `stop_every` steps (none at all with one process),
                     # never a blocking one per step; all processes stop after the same step.
@@ -490,7 +497,8 @@ def _train_in(cfg, wd: Path, parallel: str, is_main: bool, progress: str) -> dic
     elapsed = time.perf_counter() - t0
     summary = {"workdir": str(wd), "steps": total, "resumed_from": start, "seconds": round(elapsed, 1),
                "slices_per_s": round((total - start) * batch_size / max(elapsed, 1e-9), 3),
-               "train": last["train"], "validation": last["eval"], "best_metric": ckpt.metric, "best_value": ckpt.best_value}
+               "train": last["train"], "validation": last["eval"], "best_metric": ckpt.metric if val_loader is not None else None,
+               "best_value": ckpt.best_value if val_loader is not None else None}
     if is_main:
         write_json(wd / SUMMARY_FILE, summary)
         plots.training_plots(wd)
