@@ -252,11 +252,16 @@ DICE_KINDS = ("slice", "batch")
 
 def soft_dice_loss(
     mask_logits_BxHxW: jax.Array, mask_BxHxW: jax.Array, smooth: float = 1.0, valid_B: jax.Array | None = None,
-    kind: str = "slice", axis_name: str | None = None,
+    kind: str = "slice", axis_name: str | None = None, fn_weight: float = 0.5,
 ) -> jax.Array:
     """1 - soft Dice of sigmoid(logits) against the binary mask.
 
-    Dice = (2 sum(p t) + smooth) / (sum p + sum t + smooth). kind="slice":
+    Dice = (2 sum(p t) + smooth) / (sum p + sum t + smooth). `fn_weight` (b)
+    makes it the Tversky index (Salehi et al., 2017) with false negatives
+    weighted b and false positives 1 - b: (2 TP + smooth) / (2 TP + 2(1 - b)
+    FP + 2 b FN + smooth), that is (2 sum(p t) + smooth) / (2(1 - b) sum p +
+    2 b sum t + smooth); b = 0.5 is Dice, b > 0.5 trades precision for
+    recall. kind="slice":
     one Dice per slice, then the batch mean; `smooth` makes an empty
     prediction on an empty mask (most LGG slices) score 1, not 0/0.
     kind="batch": the sums run over every (valid) slice of the batch at once,
@@ -276,7 +281,7 @@ def soft_dice_loss(
     if kind == "batch":
         w = jnp.ones(p.shape[:1], jnp.float32) if valid_B is None else _f32(valid_B)
         p, t = p * w[:, None, None], t * w[:, None, None]
-        inter, denom = jnp.sum(p * t), jnp.sum(p) + jnp.sum(t)
+        inter, denom = jnp.sum(p * t), 2.0 * ((1.0 - fn_weight) * jnp.sum(p) + fn_weight * jnp.sum(t))
         if axis_name is None:
             return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
         n = jax.lax.psum(1, axis_name)
@@ -287,7 +292,7 @@ def soft_dice_loss(
         return value + n * (d_inter * (inter - jax.lax.stop_gradient(inter))
                             + d_denom * (denom - jax.lax.stop_gradient(denom)))
     inter = jnp.sum(p * t, axis=(1, 2))
-    denom = jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))
+    denom = 2.0 * ((1.0 - fn_weight) * jnp.sum(p, axis=(1, 2)) + fn_weight * jnp.sum(t, axis=(1, 2)))
     return _batch_mean(1.0 - (2.0 * inter + smooth) / (denom + smooth), valid_B)
 
 
@@ -410,7 +415,7 @@ def _segmentation_term(outputs, batch, cfg, ctx):
     if outputs.get("mask_logits_BxHxW") is None or batch.get("mask_BxHxW") is None:
         return None
     dice = soft_dice_loss(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], cfg.dice_smooth, ctx.valid_B,
-                          cfg.dice_kind, ctx.axis_name)
+                          cfg.dice_kind, ctx.axis_name, cfg.dice_fn_weight)
     bce = pixel_bce(outputs["mask_logits_BxHxW"], batch["mask_BxHxW"], ctx.valid_B)
     return cfg.seg_dice_weight * dice + cfg.seg_bce_weight * bce, {"segmentation_dice": dice, "segmentation_bce": bce}
 
@@ -419,7 +424,8 @@ def _segmentation_term(outputs, batch, cfg, ctx):
 
 DEFAULT_WEIGHTS = {"kl": 1.0, "reconstruction": 1.0, "cosine": 1.0, "latent_classification": 1.0,
                    "classification": 1.0, "segmentation": 1.0}
-_OPTIONS = ("free_bits", "seg_dice_weight", "seg_bce_weight", "dice_smooth", "dice_kind", "reconstruction_kind",
+_OPTIONS = ("free_bits", "seg_dice_weight", "seg_bce_weight", "dice_smooth", "dice_fn_weight", "dice_kind",
+            "reconstruction_kind",
             "reduction")
 
 
@@ -443,6 +449,7 @@ class LossConfig:
     seg_dice_weight: float = 1.0
     seg_bce_weight: float = 1.0
     dice_smooth: float = 1.0
+    dice_fn_weight: float = 0.5  # Tversky's weight of false negatives; 0.5 = Dice
     schedules: tuple = flax.struct.field(pytree_node=False, default=())
     reconstruction_kind: str = flax.struct.field(pytree_node=False, default="bce")
     reduction: str = flax.struct.field(pytree_node=False, default="pixel")

@@ -338,7 +338,7 @@ def test_loss_config_validates_and_is_a_pytree():
     with pytest.raises(ValueError, match="no_such_term"):
         LossConfig.make(no_such_term=1.0)
     leaves, treedef = jax.tree_util.tree_flatten(LossConfig.make(reconstruction_kind="l1", kl_warmup_steps=7))
-    assert len(leaves) == 10  # six weights, four float options; kind, reduction and schedules are static
+    assert len(leaves) == 11  # six weights, five float options; kind, reduction and schedules are static
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
     assert rebuilt.reconstruction_kind == "l1" and rebuilt.schedule("kl") == "linear:7"
     # Stacked configs vmap: one loss per variant.
@@ -429,3 +429,26 @@ def test_old_run_configs_keep_their_meaning():
     cfg = losses.from_config(old)
     assert cfg.reduction == "mean" and cfg.reconstruction_kind == "l2" and cfg.kl == 0.5
     assert cfg.schedule("kl") == "linear:300" and cfg.free_bits == 0.1
+
+
+def test_tversky_weights_false_negatives_by_hand():
+    # The 4-pixel mask predicted at p = 0.5 on all 16 pixels: TP 2, FP 6, FN 2.
+    # b = 0.7: 1 - (2 * 2 + 1) / (2 * 2 + 2 * 0.3 * 6 + 2 * 0.7 * 2 + 1) = 6.4 / 11.4.
+    mask = np.zeros((1, 4, 4), np.float32)
+    mask[0, :2, :2] = 1
+    half = np.zeros((1, 4, 4), np.float32)
+    close(losses.soft_dice_loss(half, mask, fn_weight=0.7), 6.4 / 11.4, atol=1e-6)
+    close(losses.soft_dice_loss(half, mask, fn_weight=0.5), 8 / 13, atol=1e-6)  # b = 0.5 is Dice
+    _, logs = losses.total_loss({"mask_logits_BxHxW": half}, {"mask_BxHxW": mask},
+                                LossConfig.make(dice_fn_weight=0.7, seg_bce_weight=0.0))
+    close(logs["segmentation_dice"], 6.4 / 11.4, atol=1e-6)
+    # Missing 2 tumor pixels against covering 2 extra ones: b > 0.5 makes the miss cost relatively more.
+    under = np.where(mask > 0, 50.0, -50.0).astype(np.float32)
+    under[0, 1, :2] = -50.0          # 2 of the 4 tumor pixels missed
+    over = np.where(mask > 0, 50.0, -50.0).astype(np.float32)
+    over[0, 2, :2] = 50.0            # 2 extra pixels
+    # Dice: under 1 - 5/7, over 1 - 9/11; b = 0.7: under 1 - 5/7.8, over 1 - 9/10.2.
+    close(losses.soft_dice_loss(under, mask), 2 / 7, atol=1e-6)
+    close(losses.soft_dice_loss(over, mask), 2 / 11, atol=1e-6)
+    close(losses.soft_dice_loss(under, mask, fn_weight=0.7), 2.8 / 7.8, atol=1e-6)
+    close(losses.soft_dice_loss(over, mask, fn_weight=0.7), 1.2 / 10.2, atol=1e-6)

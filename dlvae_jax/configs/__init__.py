@@ -454,6 +454,8 @@ def _validate_loss(loss: Any, where: str | None, check_names: bool = True) -> No
                     losses.parse_schedule(v)
                 except ValueError as err:
                     raise ConfigError(_at(where, f"loss.schedules.{name}: {err}")) from None
+    if "dice_fn_weight" in loss and not (_is_number(loss["dice_fn_weight"]) and 0 < loss["dice_fn_weight"] < 1):
+        raise ConfigError(_at(where, f"loss.dice_fn_weight must be in (0, 1) (0.5 = Dice), got {loss['dice_fn_weight']!r}"))
     for key, allowed in (("reconstruction_kind", losses.RECONSTRUCTION_KINDS), ("reduction", losses.REDUCTIONS),
                          ("dice_kind", losses.DICE_KINDS)):
         if key in loss and loss[key] not in allowed:

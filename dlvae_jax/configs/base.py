@@ -43,6 +43,7 @@ def base() -> ml_collections.ConfigDict:
         schedules=dict(kl="linear:500", reconstruction="constant", cosine="constant",
                        latent_classification="constant", classification="constant", segmentation="constant"),
         free_bits=0.0, seg_dice_weight=1.0, seg_bce_weight=1.0, dice_smooth=1.0,
+        dice_fn_weight=0.5,         # soft Dice as Tversky's index: weight of false negatives (0.5 = Dice)
         dice_kind="slice",          # "slice" (soft Dice per slice, batch mean) or "batch" (one Dice over the batch)
         reconstruction_kind="bce",  # "bce" (Bernoulli likelihood), "l2" or "l1"
         reduction="pixel",          # "pixel" (ELBO / pixels), "sum" (ELBO in nats) or "mean" (literal Eqs. 6-7)
