@@ -97,8 +97,11 @@ def cell_config(model: str, seed: int, steps: int, data_dir: Path, split_seed: i
     from dlvae_jax.train import experiment as ex
 
     cfg = configs.load(MODELS[model][1], list(overrides))
-    if not any(o.split("=", 1)[0].strip() == "data.fractions" for o in overrides):
+    named = {o.split("=", 1)[0].strip() for o in overrides}
+    if "data.fractions" not in named:
         cfg.data.fractions = TABLE_FRACTIONS  # the table's protocol needs test patients, whatever the config trains on
+    if "augment.p_missing_sequence" not in named:
+        cfg.augment.p_missing_sequence = 0.0  # as the tables were measured, before the `cpu` config added it
     cfg.data.data_dir = str(data_dir)
     cfg.data.split_seed = int(split_seed)
     cfg.train.seed = int(seed)

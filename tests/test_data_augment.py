@@ -141,6 +141,7 @@ def test_missing_sequences_copy_flair_into_pre_and_post_contrast(batch):
     np.testing.assert_allclose(dropped[..., 1], plain[..., 1], atol=1e-6)
     np.testing.assert_allclose(dropped[..., 0], plain[..., 1], atol=1e-6)
     np.testing.assert_allclose(dropped[..., 2], plain[..., 1], atol=1e-6)
-    # FLAIR-only input is left alone.
-    one = augment_batch(jax.random.key(5), images, masks, dataclasses.replace(NONE, p_missing_sequence=1.0))[0]
-    np.testing.assert_allclose(np.asarray(one), images.astype(np.float32) / 255.0, atol=1e-6)
+    # FLAIR-only input, [B, H, W] or [B, H, W, 1] as training passes it, is left alone.
+    for flair in (images, images[..., None]):
+        one = augment_batch(jax.random.key(5), flair, masks, dataclasses.replace(NONE, p_missing_sequence=1.0))[0]
+        np.testing.assert_allclose(np.asarray(one), flair.astype(np.float32) / 255.0, atol=1e-6)

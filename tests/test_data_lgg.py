@@ -210,6 +210,16 @@ def test_check_real_data(lgg_dir, capsys):
     assert "patients: 39 " in out and "slices: 1364\n" in out
     assert f"slices with tumor: {tumor}\n" in out
     assert len(masks) == 1364
+    # Patients whose pre- or post-contrast channel equals FLAIR on every slice where FLAIR is not blank.
+    expect = {}
+    for folder in sorted(p for p in lgg_dir.iterdir() if p.is_dir()):
+        lit = [im for im in (tifffile.imread(f) for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif"))
+               if im[:, :, 1].any()]
+        names = [n for c, n in ((0, "pre-contrast"), (2, "post-contrast")) if all((im[:, :, c] == im[:, :, 1]).all()
+                                                                               for im in lit)]
+        if names:
+            expect["_".join(folder.name.split("_")[:3])] = names
+    assert lgg.scan(lgg_dir).missing_sequences == expect and len(expect) == 3
 
 
 def test_flair_in_place_of_a_missing_sequence_is_reported(copy_dir, capsys):
@@ -238,5 +248,5 @@ def test_flair_in_place_of_a_missing_sequence_is_reported(copy_dir, capsys):
     pid1 = "_".join(p1.name.split("_")[:3])
     assert idx.missing_sequences == {pid1: ["post-contrast"]}
     assert main(["data", "check", "--data-dir", str(copy_dir)]) == 0
-    assert f"FLAIR in place of a missing sequence: 1 patients ({pid1}: post-contrast)" in capsys.readouterr().out
+    assert f"FLAIR in place of a missing sequence: 1 patient ({pid1}: post-contrast)" in capsys.readouterr().out
     assert lgg.scan(copy_dir, validate=False).missing_sequences == {}  # images not read: nothing claimed

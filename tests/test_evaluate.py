@@ -713,3 +713,16 @@ def test_per_patient_rows_name_the_sequences_the_data_lacks(workdir, data_dir, u
     rows = {r["patient"]: r for r in csv.DictReader(open(workdir / "per_patient_test.csv"))}
     assert rows[test_patients[0]]["missing_sequences"] == "post-contrast"
     assert rows[test_patients[1]]["missing_sequences"] == ""
+
+
+def test_max_patients_scores_an_even_spread_of_the_split(workdir, use_fake, data_dir):
+    from dlvae_jax.eval.evaluate import evaluate
+
+    use_fake("truth")
+    index = lgg.scan(data_dir)
+    p = index.patients
+    write_splits(workdir, index, {"train": [], "validation": [p[2]], "test": [p[0], p[1], p[3]]}, seed=0)
+    report = evaluate(workdir, split="test", max_patients=2, write=False)
+    assert [r["patient"] for r in report["per_patient"]] == [p[0], p[3]]  # first and last of the sorted ids
+    assert report["n_patients"] == 2 and report["n_patients_in_split"] == 3
+    assert report["n_slices"] == sum(r.patient in (p[0], p[3]) for r in index.records)

@@ -442,6 +442,11 @@ def test_tversky_weights_false_negatives_by_hand():
     _, logs = losses.total_loss({"mask_logits_BxHxW": half}, {"mask_BxHxW": mask},
                                 LossConfig.make(dice_fn_weight=0.7, seg_bce_weight=0.0))
     close(logs["segmentation_dice"], 6.4 / 11.4, atol=1e-6)
+    # Pooled over a batch (a confident empty slice and a padding row add nothing): the same 6.4 / 11.4.
+    batch_mask = np.concatenate([mask, np.zeros_like(mask), np.ones_like(mask)])
+    batch_logits = np.concatenate([half, np.full_like(half, -50.0), np.full_like(half, 50.0)])
+    close(losses.soft_dice_loss(batch_logits, batch_mask, 1.0, np.array([True, True, False]), "batch", None, 0.7),
+          6.4 / 11.4, atol=1e-6)
     # Missing 2 tumor pixels against covering 2 extra ones: b > 0.5 makes the miss cost relatively more.
     under = np.where(mask > 0, 50.0, -50.0).astype(np.float32)
     under[0, 1, :2] = -50.0          # 2 of the 4 tumor pixels missed

@@ -171,7 +171,7 @@ if name == "dlvae_cnn":
 model = get_model(name, **kw)
 state0 = jax.device_get(create_state(model, tx, jax.random.key(1), example_inputs(2, S, 1)))  # host copy: steps donate
 
-loss_cfg = LossConfig.make(free_bits=float(sys.argv[3]), dice_kind=sys.argv[4])
+loss_cfg = LossConfig.make(free_bits=float(sys.argv[3]), dice_kind=sys.argv[4], dice_fn_weight=float(sys.argv[5]))
 def step_fn(model):
     return functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg, prep=prep,
                              augment=AugmentConfig())
@@ -205,10 +205,11 @@ for runner_name in runners:
 # free_bits 0.3 nats: at this state the dimensions' batch-mean KL spans 0.18-1.24,
 # so the floor is active for some dimensions and not for others, and the
 # per-device means of 2 rows fall on either side of it.
-# unet with batch Dice, which pools the global batch (per device, 2 rows each, it
-# would differ); dlvae_cnn with the per-slice Dice.
-@pytest.mark.parametrize("model,free_bits,dice_kind", [("unet", 0.0, "batch"), ("dlvae_cnn", 0.3, "slice")])
-def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits, dice_kind):
+# unet with batch Dice as Tversky's index (b = 0.7), which pools the global batch (per
+# device, 2 rows each, it would differ); dlvae_cnn with the per-slice Dice.
+@pytest.mark.parametrize("model,free_bits,dice_kind,fn_weight", [("unet", 0.0, "batch", 0.7),
+                                                                 ("dlvae_cnn", 0.3, "slice", 0.5)])
+def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits, dice_kind, fn_weight):
     """One step on a global batch of 16 over 8 simulated devices: parameters,
     batch-norm statistics and every logged metric within 1e-5 of the
     single-device step, for every runner. For dlvae_cnn this needs the model's
@@ -217,7 +218,8 @@ def test_each_runner_equals_the_single_device_step_on_8_devices(model, free_bits
     one draw per device, a floor per device)."""
     runners = "jit,shard_map,pmap"
     env = dict(FAST_ENV, XLA_FLAGS=FAST_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
-    res = subprocess.run([sys.executable, "-c", RUNNER_CHECK, model, runners, str(free_bits), dice_kind],
+    res = subprocess.run([sys.executable, "-c", RUNNER_CHECK, model, runners, str(free_bits), dice_kind,
+                          str(fn_weight)],
                          cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

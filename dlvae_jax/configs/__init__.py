@@ -361,8 +361,9 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
     Every section of `SECTIONS` must be there and every field of `base()` with
     its type; the model must be named; seeds in [0, 2**32); the split
     fractions finite, >= 0, summing to 1 (as `dlvae_jax.data.splits` needs),
-    with a non-zero train share (a zero validation share trains without
-    picking a checkpoint: the model is the last one); counts positive. `complete=False` (a run's
+    with a non-zero train share (a zero validation share leaves the split
+    without validation patients, and such a run trains without picking a
+    checkpoint: the model is the last one); counts positive. `complete=False` (a run's
     config.json) lets fields of `augment` and `loss` be absent: their
     dataclasses have defaults, and a run of an older version may lack one.
     """

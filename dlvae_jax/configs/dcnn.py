@@ -1,10 +1,10 @@
 """`dcnn`: the baseline `dcnn` on the `cpu` config's data, resolution and budget."""
 
-from dlvae_jax.configs.cpu import get_config as cpu_config
+from dlvae_jax.configs.cpu import baseline_config
 
 
 def get_config():
-    c = cpu_config()
+    c = baseline_config()
     c.model = dict(name="dcnn", dtype="float32", features=16, blocks_per_stage=1)
     c.eval.presence = "class"  # no mask: the class head calls each slice
     return c

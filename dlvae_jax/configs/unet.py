@@ -1,10 +1,10 @@
 """`unet`: the baseline `unet` on the `cpu` config's data, resolution and budget."""
 
-from dlvae_jax.configs.cpu import get_config as cpu_config
+from dlvae_jax.configs.cpu import baseline_config
 
 
 def get_config():
-    c = cpu_config()
+    c = baseline_config()
     c.model = dict(name="unet", dtype="float32", features=16, levels=4)
     # Chosen on the validation patients of U-Net's own 3-fold cross-validation
     # (experiments/results/cv_arms/postprocess.md): mask presence, as for cpu, and

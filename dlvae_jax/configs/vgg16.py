@@ -1,10 +1,10 @@
 """`vgg16`: the baseline `vgg16` on the `cpu` config's data, resolution and budget."""
 
-from dlvae_jax.configs.cpu import get_config as cpu_config
+from dlvae_jax.configs.cpu import baseline_config
 
 
 def get_config():
-    c = cpu_config()
+    c = baseline_config()
     c.model = dict(name="vgg16", dtype="float32", features=16, hidden=64)
     c.eval.presence = "class"  # no mask: the class head calls each slice
     return c

@@ -42,7 +42,9 @@ class AugmentConfig:
     image_order: int = 1       # 1 = bilinear; 0 = nearest (tests use it to compare with the mask)
 
 
-_MISSING_KEY = 7   # folded into the example key, so the other draws do not change with this option
+# Folded into the example key, so the other draws do not change with this option. With partitionable
+# threefry fold_in(k, i) equals split(k, n)[i] for i < n: a large constant stays clear of `_params`' split.
+_MISSING_KEY = 0x6D697373
 
 
 def missing_sequences(key, image, p: float):

@@ -464,6 +464,7 @@ def summary_lines(index: LggIndex) -> list[str]:
         f"image: {h}x{w}x{c} uint8, channels: {', '.join(CHANNEL_NAMES)} "
         f"(default input: flair = channel {FLAIR_CHANNEL})",
         f"mask: {h}x{w} uint8, tumor = nonzero",
-    ] + ([f"FLAIR in place of a missing sequence: {len(index.missing_sequences)} patients ("
+    ] + ([f"FLAIR in place of a missing sequence: {len(index.missing_sequences)} "
+          f"patient{'s' if len(index.missing_sequences) != 1 else ''} ("
           + "; ".join(f"{p}: {', '.join(v)}" for p, v in index.missing_sequences.items()) + ")"]
          if index.missing_sequences else [])

@@ -7,5 +7,6 @@
 
 This package reads runs that `dlvae_jax.train` wrote. The training library
 (state, step, runners, checkpoint, loop) never imports it; only the `train`
-command does, to score the best checkpoint on the validation split at the end.
+command does, to score the best checkpoint on the validation split at the end
+(a run without validation patients: its last checkpoint on 6 training patients).
 """

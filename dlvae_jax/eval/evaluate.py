@@ -321,13 +321,16 @@ def evaluate(
     presence: str | None = None,
     seed: int = 0,
     write: bool = True,
+    max_patients: int | None = None,
 ) -> dict:
     """Scores a trained workdir on a split; writes the files of the module docstring; returns the report.
 
     data_dir: an LGG-layout folder (default: the one training used, see
     `default_data_dir`). split: see the module docstring. checkpoint: "best"
     or "latest". batch_size, n_overlays: default to the config's
-    ``eval.batch_size`` and ``eval.overlays`` (else 32 and 8).
+    ``eval.batch_size`` and ``eval.overlays`` (else 32 and 8). max_patients:
+    score only that many of the split's patients, spread evenly over their
+    sorted ids (the report's ``n_patients_in_split`` counts them all).
     """
     from tqdm import tqdm
 
@@ -367,6 +370,11 @@ def evaluate(
         data_dir = own
     index = lgg.scan(data_dir, progress=progress)
     records, n_in_train = select_records(index, workdir, split)
+    in_split = sorted({r.patient for r in records})
+    if max_patients is not None and 0 < max_patients < len(in_split):
+        keep = {in_split[i] for i in np.linspace(0, len(in_split) - 1, max_patients).round().astype(int)}
+        records = [r for r in records if r.patient in keep]
+        n_in_train = len(keep) if n_in_train == len(in_split) else n_in_train
     if split == "all" and n_in_train:
         print(f"note: {n_in_train} of these patients were used for training", file=sys.stderr)
 
@@ -442,6 +450,7 @@ def evaluate(
         "min_component": int(min_component),
         "presence": presence,
         "n_patients_in_train": int(n_in_train),
+        "n_patients_in_split": len(in_split),
     })
     report = json_safe(report)
 

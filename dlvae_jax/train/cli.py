@@ -7,6 +7,9 @@ import os
 from dlvae_jax.errors import DlvaeError
 
 
+CLOSING_PATIENTS = 6  # training patients a run without validation patients is scored on at the end
+
+
 def _cmd_train(args) -> int:
     from dlvae_jax import configs
 
@@ -51,9 +54,9 @@ def _cmd_train(args) -> int:
     if jax.process_count() == 1:
         # The best checkpoint on the validation split: confusion matrix, Dice per
         # patient and overlays in eval_validation/. A run without validation
-        # patients is its last checkpoint, scored on the patients it trained on
-        # (eval_train/), which shows what its latent carries, not how it does on
-        # others. (A multi-process job leaves this to `dlvae-jax evaluate`:
+        # patients is its last checkpoint, scored on 6 of the patients it trained
+        # on (eval_train/), which shows what its latent carries, not how it does
+        # on others. (A multi-process job leaves this to `dlvae-jax evaluate`:
         # Orbax's restore is collective.)
         from dlvae_jax.eval.evaluate import evaluate
         from dlvae_jax.train.loop import summary_metrics
@@ -61,9 +64,11 @@ def _cmd_train(args) -> int:
         if val:
             evaluate(summary["workdir"], data_dir=summary["data_dir"], split="validation", checkpoint="best")
         else:
-            scored = "training patients (seen in training: not a figure for unseen patients)"
-            val = summary_metrics(evaluate(summary["workdir"], data_dir=summary["data_dir"], split="train",
-                                           checkpoint="latest"))
+            report = evaluate(summary["workdir"], data_dir=summary["data_dir"], split="train", checkpoint="latest",
+                              max_patients=CLOSING_PATIENTS)
+            scored = (f"{report['n_patients']} of its {report['n_patients_in_split']} training patients "
+                      "(seen in training: not a figure for unseen patients)")
+            val = summary_metrics(report)
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
           f"({summary['slices_per_s']:.1f} slices/s); workdir {summary['workdir']}")
     if val:
@@ -108,7 +113,7 @@ def register(subparsers) -> None:
         description="Train a model from a config (a name or a .py file, with --set overrides) into a workdir: "
                     "config.json, splits.json, checkpoints (latest and best by validation score), log.jsonl, "
                     "plots, and at the end the best checkpoint scored on the validation split (with no validation "
-                    "patients, data.fractions = (1, 0, 0), the last checkpoint on the training patients). Run it again on "
+                    "patients, data.fractions = (1, 0, 0), the last checkpoint on 6 of the training patients). Run it again on "
                     "the same workdir to resume where it stopped. --print-config lists every field --set "
                     "accepts.")
     p.add_argument("--config", default="demo",
