@@ -143,18 +143,29 @@ def model_channels(config: Any) -> str:
         return "flair"
 
 
-def select_records(index, workdir: Path, split: str):
-    """Slice records of `split` in `index`, and how many of them belong to training patients.
+def select_records(index, workdir: Path, split: str, max_patients: int | None = None):
+    """Slice records of `split` in `index`, and how many of their patients are training patients.
 
-    split: a name in W/splits.json or "all". Raises DlvaeError when a named
-    split's patients are (partly) absent from the data folder: its figures
-    would silently describe another set of patients.
+    split: a name in W/splits.json or "all". max_patients: keep only that
+    many of the split's patients, spread evenly over their sorted ids. Raises
+    DlvaeError when a named split's patients are (partly) absent from the
+    data folder: its figures would silently describe another set of patients.
     """
+    records, train = _split_records(index, workdir, split)
+    patients = sorted({r.patient for r in records})
+    if max_patients is not None and 0 < max_patients < len(patients):
+        patients = [patients[i] for i in np.linspace(0, len(patients) - 1, max_patients).round().astype(int)]
+        records = index.for_patients(patients)
+    return records, len(set(patients) & train)
+
+
+def _split_records(index, workdir: Path, split: str):
+    """(records of `split`, the run's training patients)."""
     splits_path = workdir / SPLITS_FILE
     present = set(index.patients)
     if split == "all":
         train = set(read_splits(splits_path).get("train", ())) if splits_path.is_file() else set()
-        return list(index.records), len(present & train)
+        return list(index.records), train
     splits = read_splits(splits_path)
     if split not in splits:
         raise DlvaeError(f"{splits_path}: no split named {split!r}; have {sorted(splits)} (or use --split all)")
@@ -169,7 +180,7 @@ def select_records(index, workdir: Path, split: str):
             f"{index.root}: {which} of the {split} patients in {splits_path} are in this data folder "
             f"(e.g. {missing[0]}); pass the data folder used for training, or --split all to score every patient here"
         )
-    return index.for_patients(wanted), len(set(wanted) & set(splits.get("train", ())))
+    return index.for_patients(wanted), set(splits.get("train", ()))
 
 
 # ----------------------------------------------------------------------------- report
@@ -369,12 +380,8 @@ def evaluate(
     if data_dir is None:
         data_dir = own
     index = lgg.scan(data_dir, progress=progress)
-    records, n_in_train = select_records(index, workdir, split)
-    in_split = sorted({r.patient for r in records})
-    if max_patients is not None and 0 < max_patients < len(in_split):
-        keep = {in_split[i] for i in np.linspace(0, len(in_split) - 1, max_patients).round().astype(int)}
-        records = [r for r in records if r.patient in keep]
-        n_in_train = len(keep) if n_in_train == len(in_split) else n_in_train
+    n_in_split = len({r.patient for r in _split_records(index, workdir, split)[0]})
+    records, n_in_train = select_records(index, workdir, split, max_patients)
     if split == "all" and n_in_train:
         print(f"note: {n_in_train} of these patients were used for training", file=sys.stderr)
 
@@ -450,7 +457,7 @@ def evaluate(
         "min_component": int(min_component),
         "presence": presence,
         "n_patients_in_train": int(n_in_train),
-        "n_patients_in_split": len(in_split),
+        "n_patients_in_split": n_in_split,
     })
     report = json_safe(report)
 

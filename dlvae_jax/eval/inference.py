@@ -264,8 +264,9 @@ def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
     all come here. It reads and never moves or writes anything. When "best"
     has no readable save the latest is used, with a warning, and
     `Predictor.checkpoint` says so; a run trained without validation patients
-    has no best, and "best" is its latest save, without a warning. A checkpoint that does not match the
-    run's config raises `TemplateMismatch` naming the leaf."""
+    has no best, and "best" is its latest save, without a warning. A
+    checkpoint that does not match the run's config raises `TemplateMismatch`
+    naming the leaf."""
     if checkpoint not in CHECKPOINT_CHOICES:
         raise DlvaeError(f"--checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
     workdir = Path(workdir)
@@ -281,9 +282,8 @@ def load_predictor(workdir: str | Path, checkpoint: str = "best") -> Predictor:
     used = checkpoint
     try:
         restored = None
-        if checkpoint == "best" and not has_validation(workdir):
-            pass  # trained without validation patients: nothing picked a best, the model is the last save
-        elif checkpoint == "best":
+        # A run trained without validation patients has no best: its model is the last save.
+        if checkpoint == "best" and has_validation(workdir):
             try:
                 restored = ckpt.restore_best(template)
             except NoReadableCheckpoint as err:
