@@ -46,10 +46,12 @@ from dlvae_jax.io import atomic_path, write_json, write_text
 ARMS = ("dlvae_cnn", "no_vae", "unet", "kmeans")
 PAIRS = (("dlvae_cnn", "no_vae"), ("dlvae_cnn", "unet"), ("no_vae", "unet"), ("dlvae_cnn", "kmeans"),
          ("unet", "kmeans"))
-# The DL-VAE-CNN arms start without the missing-sequence augmentation the `cpu` config now has, so the commands
-# recorded with the results made before it still reproduce them; --set augment.p_missing_sequence=0.25 adds it.
-ARM_CONFIG = {"dlvae_cnn": ("cpu", ["augment.p_missing_sequence=0.0"]),
-              "no_vae": ("cpu", ["model.use_vae=False", "augment.p_missing_sequence=0.0"]), "unet": ("unet", [])}
+# The DL-VAE-CNN arms start from the `cpu` config as it was before its final model moved to every patient and
+# gained the missing-sequence augmentation, so the commands recorded with earlier results still reproduce them and
+# still resume their runs (the folds' own splits are used either way); --set augment.p_missing_sequence=0.25 adds it.
+_CPU_AS_CROSS_VALIDATED = ["data.fractions=(0.85,0.15,0.0)", "augment.p_missing_sequence=0.0"]
+ARM_CONFIG = {"dlvae_cnn": ("cpu", _CPU_AS_CROSS_VALIDATED),
+              "no_vae": ("cpu", ["model.use_vae=False", *_CPU_AS_CROSS_VALIDATED]), "unet": ("unet", [])}
 
 
 def parse_args(argv=None):
