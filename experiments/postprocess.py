@@ -106,9 +106,11 @@ def main(argv=None) -> int:
             continue
         val = {c: ({}, []) for c in candidates}
         test = {c: ({}, []) for c in candidates}
+        test_area = []  # tumor pixels of every test slice, in the order of the accuracy arrays
         for wd in folds:
             pv, pt = predictions(wd, "validation"), predictions(wd, "test")
             fold = wd.parent.name
+            test_area.append(pt["truth"].sum(axis=(1, 2)))
             for c in candidates:
                 # A patient may validate several folds' models: each (fold, patient) counts once.
                 d, ok = score(pv, *c)
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
         patients = sorted(test[default][0])
         a = np.array([test[chosen][0][q] for q in patients])
         b = np.array([test[default][0][q] for q in patients])
+        area, right = np.concatenate(test_area), np.concatenate(test[chosen][1])
+        missed, found = area[(area > 0) & ~right], area[(area > 0) & right]
         result["arms"][arm] = {
             "validation_patients": len({q for _, q in val[default][0]}),
             "validation_fold_patient_pairs": len(val[default][0]),
@@ -138,6 +142,12 @@ def main(argv=None) -> int:
             "test_chosen_sd": float(a.std(ddof=min(1, len(a) - 1))),
             "test_default_accuracy": accuracy(test, default), "test_chosen_accuracy": accuracy(test, chosen),
             "test_chosen_minus_default": ve.paired_stats(a, b, 10000, args.seed) if chosen != default else None,
+            # Where the chosen setting's slice calls go wrong on the test folds, and how large the missed tumors are.
+            "test_chosen_errors": {
+                "missed_tumor_slices": int(missed.size), "false_tumor_slices": int(np.sum((area == 0) & ~right)),
+                "tumor_slices": int(np.sum(area > 0)),
+                "missed_area_quartiles": np.percentile(missed, [25, 50, 75]).tolist() if missed.size else None,
+                "found_area_median": float(np.median(found)) if found.size else None},
         }
         print(f"{arm}: chosen presence={chosen[0]} tta={chosen[1]} min_component={chosen[2]} (validation Dice "
               f"{dice(val, chosen):.3f} vs {dice(val, default):.3f}, accuracy {accuracy(val, chosen):.3f} vs "
@@ -170,6 +180,13 @@ def main(argv=None) -> int:
             lines.append(f"Paired Dice, chosen minus default: {s['mean_diff']:+.3f} (95% CI {s['ci95'][0]:+.3f} to "
                          f"{s['ci95'][1]:+.3f}), better on {s['wins']}, worse on {s['losses']}, Wilcoxon p "
                          f"{s['wilcoxon_p']:.2g}.")
+        e = r["test_chosen_errors"]
+        if e["missed_area_quartiles"] is not None:
+            q = e["missed_area_quartiles"]
+            lines.append(f"Slice calls of the chosen setting on the test folds: {e['missed_tumor_slices']} of "
+                         f"{e['tumor_slices']} tumor slices missed, {e['false_tumor_slices']} slices without tumor "
+                         f"called tumor. The missed tumors cover {q[1]:.0f} pixels at the median (quartiles "
+                         f"{q[0]:.0f}-{q[2]:.0f}, at the data's size), the found ones {e['found_area_median']:.0f}.")
         lines.append("")
     write_text(args.out / "postprocess.md", "\n".join(lines))
     return 0
