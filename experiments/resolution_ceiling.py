@@ -34,25 +34,40 @@ def round_trip(masks_NxHxW: np.ndarray, size: int, chunk: int = 256) -> np.ndarr
     return np.concatenate(out)
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 64,128") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return sizes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, required=True, help="LGG data in the kaggle_3m layout")
-    p.add_argument("--sizes", default="64,96,128", help="comma-separated training sizes (default 64,96,128)")
+    p.add_argument("--sizes", type=_sizes, default="64,96,128",
+                   help="comma-separated training sizes (default 64,96,128)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
 
     from dlvae_jax.data import lgg
+    from dlvae_jax.errors import DlvaeError
     from dlvae_jax.eval.evaluate import json_safe
     from dlvae_jax.io import write_json, write_text
     from dlvae_jax.metrics import dice_per_volume
 
-    index = lgg.scan(args.data_dir)
+    try:
+        index = lgg.scan(args.data_dir)
+    except DlvaeError as e:
+        p.error(f"--data-dir {e}")
     _, masks = lgg.load_arrays(index.records, "flair")
     patients = [r.patient for r in index.records]
     truth = masks.astype(bool)
     present = truth.any(axis=(1, 2))
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         pred = round_trip(masks, size)
         dice = np.array(list(dice_per_volume(pred, truth, patients).values()))
         rows.append({"size": size, "n_patients": len(dice), "n_slices": len(truth),
