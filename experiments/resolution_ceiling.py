@@ -21,16 +21,15 @@ import numpy as np
 
 def round_trip(masks_NxHxW: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
     """Masks resized to size x size as training resizes them, and back as inference resizes predictions."""
-    import jax
     import jax.numpy as jnp
+
+    from dlvae_jax.train.step import mask_to_model_size, prob_to_data_size
 
     n, h, w = masks_NxHxW.shape
     out = []
     for start in range(0, n, chunk):
-        m = jnp.asarray(masks_NxHxW[start:start + chunk], jnp.float32)
-        small = jax.image.resize(m, (m.shape[0], size, size), "linear", antialias=True) > 0.5
-        back = jax.image.resize(small.astype(jnp.float32), (m.shape[0], h, w), "linear") > 0.5
-        out.append(np.asarray(back))
+        small = mask_to_model_size(jnp.asarray(masks_NxHxW[start:start + chunk]), size)
+        out.append(np.asarray(prob_to_data_size(small.astype(jnp.float32), h, w) > 0.5))
     return np.concatenate(out)
 
 

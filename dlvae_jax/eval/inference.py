@@ -30,7 +30,7 @@ from dlvae_jax.train.experiment import CONFIG_FILE, EVAL_SEED
 from dlvae_jax.train.checkpoint import CheckpointWarning, Checkpoints, NoReadableCheckpoint, abstract
 from dlvae_jax.train.runners import batch_sharding, data_mesh, replicated
 from dlvae_jax.train.state import abstract_state
-from dlvae_jax.train.step import eval_outputs, prepare_inputs
+from dlvae_jax.train.step import eval_outputs, prepare_inputs, prob_to_data_size
 
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -184,9 +184,7 @@ def _sampler(model, prep):
             key, weight = key_w
             z = mean + std * jax.random.normal(key, mean.shape)
             o, _ = apply_model(model, variables, dict(inputs, z_BxD=z), train=False)
-            prob = jax.nn.sigmoid(o["mask_logits_BxHxW"].astype(jnp.float32))
-            if prob.shape[1:] != (h, w):
-                prob = jax.image.resize(prob, (b, h, w), "linear")
+            prob = prob_to_data_size(jax.nn.sigmoid(o["mask_logits_BxHxW"].astype(jnp.float32)), h, w)
             p = jnp.clip(prob, 0.0, 1.0)
             ent = -(jnp.where(p > 0, p * jnp.log2(jnp.maximum(p, 1e-30)), 0.0)
                     + jnp.where(p < 1, (1 - p) * jnp.log2(jnp.maximum(1 - p, 1e-30)), 0.0))

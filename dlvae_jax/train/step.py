@@ -51,6 +51,19 @@ def _per_example_keys(key: jax.Array, index_B: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index_B)
 
 
+def mask_to_model_size(mask_BxHxW: jax.Array, size: int) -> jax.Array:
+    """A binary mask resized as training resizes it (linear with antialiasing, then > 0.5): bool [B, size, size]."""
+    b = mask_BxHxW.shape[0]
+    return jax.image.resize(mask_BxHxW.astype(jnp.float32), (b, size, size), "linear", antialias=True) > 0.5
+
+
+def prob_to_data_size(prob_BxHxW: jax.Array, h: int, w: int) -> jax.Array:
+    """Model-size probabilities resized back to the data's size (linear), as every metric sees them."""
+    if prob_BxHxW.shape[1:] == (h, w):
+        return prob_BxHxW
+    return jax.image.resize(prob_BxHxW, (prob_BxHxW.shape[0], h, w), "linear")
+
+
 def prepare_inputs(batch: dict[str, jax.Array], key: jax.Array, prep: PrepConfig,
                    augment: AugmentConfig | None = None) -> dict[str, jax.Array]:
     """Raw batch -> model inputs.
@@ -77,7 +90,7 @@ def prepare_inputs(batch: dict[str, jax.Array], key: jax.Array, prep: PrepConfig
     s = prep.image_size
     if image.shape[1:3] != (s, s):
         image = jax.image.resize(image, (b, s, s, c), "linear", antialias=True)
-        mask = jax.image.resize(mask.astype(jnp.float32), (b, s, s), "linear", antialias=True) > 0.5
+        mask = mask_to_model_size(mask, s)
     image_u8 = jnp.round(jnp.clip(image, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     flair = image_u8[..., 1 if c == 3 else 0]
     head, flair_eq, clusters = model_views(flair, view_keys, k=prep.k, n_init=prep.n_init, equalize=prep.equalize)
@@ -135,9 +148,7 @@ PROBES = ("zeros", "shuffle", "prior")
 
 def _probabilities(outputs, b: int, h: int, w: int) -> tuple[jax.Array, jax.Array]:
     if outputs.get("mask_logits_BxHxW") is not None:
-        prob = jax.nn.sigmoid(outputs["mask_logits_BxHxW"].astype(jnp.float32))
-        if prob.shape[1:] != (h, w):
-            prob = jax.image.resize(prob, (b, h, w), "linear")
+        prob = prob_to_data_size(jax.nn.sigmoid(outputs["mask_logits_BxHxW"].astype(jnp.float32)), h, w)
     else:
         prob = jnp.zeros((b, h, w), jnp.float32)
     return prob, jax.nn.softmax(outputs["logits_Bx2"].astype(jnp.float32))[:, 1]
