@@ -478,13 +478,39 @@ def remove_small_components(masks_BxHxW: np.ndarray, min_size: int) -> np.ndarra
     return masks
 
 
+def remove_small_volume_components(masks_DxHxW: np.ndarray, min_share: float) -> np.ndarray:
+    """One volume's mask (its slices stacked in order) without the 26-connected
+    3D components smaller than `min_share` of its largest: bool [D, H, W].
+
+    min_share 1.0 keeps the largest component only (with its ties), the rule
+    nnU-Net chooses by cross-validation; 0 keeps everything. A tumor in the
+    LGG data is one connected region in nearly every patient, so a smaller
+    separate region of the predicted mask is mostly a false positive."""
+    masks = np.asarray(masks_DxHxW, bool).copy()
+    if min_share <= 0 or not masks.any():
+        return masks
+    labels, n = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return masks
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    small = sizes < min_share * sizes.max()
+    small[0] = False
+    masks[small[labels]] = False
+    return masks
+
+
 def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
-           min_component: int = 0, presence: str = "class") -> tuple[np.ndarray, np.ndarray]:
+           min_component: int = 0, presence: str = "class",
+           min_volume_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The slice decision shared by evaluation, prediction and in-training validation.
 
     A slice's mask is the pixels with ``prob >= THRESHOLD``, without its
     components smaller than `min_component` pixels when that is > 1
-    (`remove_small_components`). Whether the slice is called "tumor":
+    (`remove_small_components`), and, when `min_volume_share` > 0, without the 3D
+    components smaller than that share of the largest
+    (`remove_small_volume_components`): the n slices must then be one
+    patient's volume, in slice order. Whether the slice is called "tumor":
 
     * presence="class": the class head's ``tumor_prob >= THRESHOLD``; the
       mask of a slice called "no tumor" is emptied (the class head decides
@@ -499,6 +525,8 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
     """
     if presence not in PRESENCE_RULES:
         raise DlvaeError(f"presence must be one of {', '.join(PRESENCE_RULES)}, got {presence!r}")
+    if not 0.0 <= min_volume_share <= 1.0:
+        raise DlvaeError(f"min_volume_share must be in [0, 1], got {min_volume_share}")
     try:
         prob, tumor_prob = np.asarray(out["prob_BxHxW"]), np.asarray(out["tumor_prob_B"]).reshape(-1)
     except (KeyError, TypeError) as err:
@@ -514,6 +542,8 @@ def decide(out: dict[str, np.ndarray], n: int, shape_HxW: tuple[int, int],
         masks &= labels[:, None, None]
     if min_component > 1:
         masks = remove_small_components(masks, min_component)
+    if min_volume_share > 0:
+        masks = remove_small_volume_components(masks, min_volume_share)
     if presence == "mask":
         labels = masks.any(axis=(1, 2))
     return masks, labels

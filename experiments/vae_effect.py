@@ -158,6 +158,8 @@ def train_and_score(arm: str, fold: int, splits: dict, args) -> dict:
     t0 = time.time()
     summary_ = train(cfg, wd, progress="none", splits=splits)
     t_train = time.time() - t0
+    if summary_.get("already_finished"):  # trained by an earlier call: its own training time
+        t_train = float(summary_.get("seconds", t_train))
     report = evaluate(wd, split="test", n_overlays=0)
     return {
         "train_s": round(t_train, 1),

@@ -74,12 +74,13 @@ class FakePredictor:
             prob, tumor_prob = np.where(truth, 0.9, 0.1), np.where(has, 0.8, 0.2)
         elif self.mode == "empty":
             prob, tumor_prob = np.zeros(truth.shape), np.zeros(len(truth))
-        else:  # "noisy": a shifted, speckled truth and a coin-flip class head, fixed per slice
+        else:  # "noisy": a shifted truth and a coin-flip class head, fixed per slice; "speckled": stray pixels too
             prob = np.empty(truth.shape)
             tumor_prob = np.empty(len(truth))
+            speckle = 0.52 if self.mode == "speckled" else 0.4  # 0.52: about 4% of pixels reach 0.5
             for i, f in enumerate(flair_BxHxW):
                 rng = self._rng(f)
-                prob[i] = 0.7 * np.roll(truth[i], int(rng.integers(-3, 4)), axis=1) + 0.4 * rng.random(f.shape)
+                prob[i] = 0.7 * np.roll(truth[i], int(rng.integers(-3, 4)), axis=1) + speckle * rng.random(f.shape)
                 tumor_prob[i] = rng.random()
         return {"prob_BxHxW": prob.astype(np.float32), "tumor_prob_B": tumor_prob.astype(np.float32)}
 
@@ -137,21 +138,55 @@ def run_cli(monkeypatch, argv: list[str]) -> int:
         return int(err.code)
 
 
-def _expected(data_dir: Path, fake: FakePredictor, patients: list[str] | None, presence: str = "class") -> dict:
+def _components_26(vol: np.ndarray) -> list[list[tuple[int, int, int]]]:
+    """The 26-connected components of a 3D bool array, by a plain flood fill."""
+    seen, comps = np.zeros(vol.shape, bool), []
+    steps = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
+    for start in zip(*np.nonzero(vol)):
+        if seen[start]:
+            continue
+        seen[start], stack, comp = True, [start], []
+        while stack:
+            z, y, x = stack.pop()
+            comp.append((z, y, x))
+            for a, b, c in steps:
+                q = (z + a, y + b, x + c)
+                if all(0 <= q[k] < vol.shape[k] for k in range(3)) and vol[q] and not seen[q]:
+                    seen[q] = True
+                    stack.append(q)
+        comps.append(comp)
+    return comps
+
+
+def _keep_share(vol: np.ndarray, share: float) -> np.ndarray:
+    """`vol` without the 3D components smaller than `share` of its largest."""
+    comps = _components_26(vol)
+    out = np.zeros_like(vol)
+    for comp in comps:
+        if len(comp) >= share * max(len(c) for c in comps):
+            out[tuple(np.array(comp).T)] = True
+    return out
+
+
+def _expected(data_dir: Path, fake: FakePredictor, patients: list[str] | None, presence: str = "class",
+              share: float = 0.0) -> dict:
     """The figures, recomputed from the fake's output without dlvae_jax.metrics."""
     index = lgg.scan(data_dir)
     records = [r for r in index.records if patients is None or r.patient in patients]
     images, truth = lgg.load_arrays(records, fake.config.data.channels)
     truth = truth.astype(bool)
     out = fake(images)
-    if presence == "mask":  # the pixel map decides presence too
-        pred = out["prob_BxHxW"] >= 0.5
-        labels = pred.any(axis=(1, 2))
-    else:
-        labels = out["tumor_prob_B"] >= 0.5
-        pred = (out["prob_BxHxW"] >= 0.5) & labels[:, None, None]
-    true_labels = truth.any(axis=(1, 2))
     ids = np.array([r.patient for r in records])
+    labels = out["tumor_prob_B"] >= 0.5
+    pred = out["prob_BxHxW"] >= 0.5
+    if presence == "class":
+        pred &= labels[:, None, None]
+    if share:
+        for pid in set(ids):
+            pred[ids == pid] = _keep_share(pred[ids == pid], share)
+    if presence == "mask":  # the pixel map decides presence too
+        labels = pred.any(axis=(1, 2))
+    true_labels = truth.any(axis=(1, 2))
     vol_dice, vol_iou = [], []
     for pid in sorted(set(ids)):
         p, t = pred[ids == pid], truth[ids == pid]
@@ -257,6 +292,24 @@ def test_evaluate_presence_from_the_mask(monkeypatch, workdir, data_dir, use_fak
         evaluate_mod.evaluate(workdir, presence="mask")
 
 
+@pytest.mark.parametrize("presence", ["mask", "class"])
+def test_evaluate_volume_share_removes_stray_components(monkeypatch, workdir, data_dir, use_fake, presence):
+    """--min-volume-share: each patient's slices stacked, its 3D components
+    under the share of its largest removed, across batch boundaries (batch 4
+    cuts the 6-slice patients); checked against a plain flood fill."""
+    fake = use_fake("speckled")
+    argv = ["evaluate", "--workdir", str(workdir), "--split", "all", "--presence", presence, "--batch-size", "4",
+            "--min-volume-share", "0.5", "--overlays", "2", "--quiet"]
+    assert run_cli(monkeypatch, argv) == 0
+    report = json.loads((workdir / "metrics_all.json").read_text())
+    want, old = _expected(data_dir, fake, None, presence, 0.5), _expected(data_dir, fake, None, presence)
+    assert want["pixel_precision"] > old["pixel_precision"] and want["dice_volume_mean"] > old["dice_volume_mean"]
+    for key, value in want.items():
+        assert report[key] == pytest.approx(value, abs=1e-9), key
+    assert report["min_volume_share"] == 0.5
+    assert run_cli(monkeypatch, argv[:-5] + ["--min-volume-share", "2", "--quiet"]) == 2
+
+
 def test_overlay_patients_spread_over_the_dice_ranking():
     from dlvae_jax.report import overlay_patients
 
@@ -337,6 +390,21 @@ def test_predict_presence_and_component_flags(monkeypatch, tmp_path, workdir, da
         assert row["tumor"] == bool(keep.any())
         disagree += row["tumor"] != bool(ref["tumor_prob_B"][0] >= 0.5)
     assert disagree > 0, "the class head's coin flips would have given other calls"
+    # --min-volume-share: the patient folder is one volume; stray components leave its masks.
+    fake.mode = "speckled"
+    monkeypatch.setattr(predict_mod, "BATCH_SIZE", 4)  # the 6 slices come in two batches
+    out = tmp_path / "pred_volume"
+    assert run_cli(monkeypatch, [*argv[:4], str(out), "--presence", "mask", "--min-component", "0",
+                                 "--min-volume-share", "1", "--quiet", str(patient)]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    flair = np.stack([tifffile.imread(row["input"])[:, :, 1] for row in rows])
+    pix = fake(flair)["prob_BxHxW"] >= 0.5
+    keep = _keep_share(pix, 1.0)
+    assert keep.sum() < pix.sum() and len(_components_26(keep)) == 1
+    for row, want in zip(rows, keep):
+        np.testing.assert_array_equal(tifffile.imread(out / f"{row['output']}_mask.tif"), want.astype(np.uint8) * 255)
+        assert row["tumor"] == bool(want.any())
+    fake.mode = "noisy"
     fake.segments = False
     argv[4] = str(tmp_path / "pred2")
     assert run_cli(monkeypatch, argv) == 2 and "gives no mask" in capsys.readouterr().err

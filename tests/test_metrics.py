@@ -366,3 +366,35 @@ def test_decide_presence_rules_by_hand():
     assert labels.tolist() == [True, False, False] and masks.sum(axis=(1, 2)).tolist() == [9, 0, 0]
     with pytest.raises(DlvaeError, match="presence"):
         decide(out, 3, (8, 8), 0, "area")
+
+
+def test_volume_components_by_hand():
+    """3D components of a stacked volume, 26-connected: a blob spanning
+    slices, a smaller one touching it only at a corner across slices (the
+    same component), and two separate ones of known sizes."""
+    from dlvae_jax.errors import DlvaeError
+    from dlvae_jax.metrics import decide, remove_small_volume_components
+
+    vol = np.zeros((4, 10, 10), bool)
+    vol[0:3, 1:4, 1:4] = True     # 27 voxels
+    vol[3, 4, 4] = True           # touches (2, 3, 3) at a corner: joins the 27 (28)
+    vol[0, 7:9, 7:9] = True       # 4 voxels, alone
+    vol[2:4, 7, 1] = True         # 2 voxels, alone
+    assert remove_small_volume_components(vol, 0.0).sum() == 34
+    kept = remove_small_volume_components(vol, 0.1)  # under 2.8 voxels go: the pair
+    assert kept.sum() == 32 and not kept[2:4, 7, 1].any() and kept[3, 4, 4]
+    kept = remove_small_volume_components(vol, 1.0)  # the largest only
+    assert kept.sum() == 28 and not kept[0, 7:9, 7:9].any()
+    assert remove_small_volume_components(np.zeros((2, 3, 3), bool), 1.0).sum() == 0
+    # decide: mask presence follows the reduced mask, class presence keeps the head's call.
+    prob = np.where(vol, 0.9, 0.1).astype(np.float32)
+    out = {"prob_BxHxW": prob, "tumor_prob_B": np.full(4, 0.9, np.float32)}
+    masks, labels = decide(out, 4, (10, 10), 0, "mask", 1.0)
+    assert masks.sum() == 28 and labels.tolist() == [True, True, True, True]
+    prob[3, 4, 4] = 0.1  # now slice 3 holds only the pair's voxel: removed, so no tumor under mask presence
+    masks, labels = decide(out, 4, (10, 10), 0, "mask", 0.5)
+    assert masks.sum() == 27 and labels.tolist() == [True, True, True, False]
+    masks, labels = decide(out, 4, (10, 10), 0, "class", 0.5)
+    assert masks.sum() == 27 and labels.tolist() == [True, True, True, True]
+    with pytest.raises(DlvaeError, match="min_volume_share"):
+        decide(out, 4, (10, 10), 0, "mask", 1.5)

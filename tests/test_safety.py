@@ -484,6 +484,7 @@ BAD_CONFIGS = {
     "p_flip_above_1": (None, ["augment.p_flip_lr=1.5"], "augment.p_flip_lr"),
     "p_missing_negative": (None, ["augment.p_missing_sequence=-0.1"], "augment.p_missing_sequence"),
     "tversky_one": (None, ["loss.dice_fn_weight=1.0"], "loss.dice_fn_weight"),
+    "volume_share_above_1": (None, ["eval.min_volume_share=1.5"], "eval.min_volume_share"),
     "raises": ("def get_config():\n    raise RuntimeError('boom')\n", [], "boom"),
     "returns_none": ("def get_config():\n    return None\n", [], "NoneType"),
     "returns_dict": ("def get_config():\n    return {'train': {'steps': 1}}\n", [], "got dict"),

@@ -587,7 +587,7 @@ def test_fields_added_later_do_not_block_resuming_an_older_run():
     old = json.loads(json.dumps(new))
     del old["eval"]["tta"], old["eval"]["min_component"], old["model"]["use_vae"]
     del old["eval"]["presence"], old["loss"]["dice_kind"], old["loss"]["dice_fn_weight"]
-    del old["augment"]["p_missing_sequence"]
+    del old["augment"]["p_missing_sequence"], old["eval"]["min_volume_share"]
     assert _config_conflict(old, new) == []
     new["eval"]["min_component"] = 25  # a real change still is one
     assert _config_conflict(old, new) == ["eval.min_component"]

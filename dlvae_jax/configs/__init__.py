@@ -410,6 +410,10 @@ def validate(cfg: Any, where: str | None = None, *, complete: bool = True) -> ml
         if not 0.0 <= v <= 1.0:
             raise ConfigError(_at(where, f"augment.{key} must be a probability in [0, 1], got {v}"))
     _validate_loss(cfg.loss, where, check_names=complete)
+    share = cfg.eval.get("min_volume_share", 0.0) if "eval" in cfg else 0.0
+    if not _is_number(share) or not 0.0 <= share <= 1.0:
+        raise ConfigError(_at(where, f"eval.min_volume_share must be a share of the largest component in [0, 1], "
+                                     f"got {share!r}"))
     from dlvae_jax.metrics import PRESENCE_RULES
 
     from dlvae_jax.models.registry import MODELS

@@ -61,5 +61,6 @@ def base() -> ml_collections.ConfigDict:
         tta=False,             # predict as the mean over the slice and the flips it trained with (evaluate, predict)
         min_component=0,       # tumor components smaller than this (pixels at the data's size) are removed
         presence="class",      # a slice is "tumor" when: "class" the class head says so; "mask" its mask is not empty
+        min_volume_share=0.0,  # a patient's 3D tumor components under this share of its largest are removed (0: none)
     )
     return c

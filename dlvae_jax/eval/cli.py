@@ -33,6 +33,7 @@ def _cmd_evaluate(args) -> int:
         tta=args.tta,
         min_component=args.min_component,
         presence=args.presence,
+        min_volume_share=args.min_volume_share,
         seed=args.seed,
     )
     split = report["split"]
@@ -56,6 +57,7 @@ def _cmd_predict(args) -> int:
         tta=args.tta,
         min_component=args.min_component,
         presence=args.presence,
+        min_volume_share=args.min_volume_share,
     )
     n_tumor = sum(r["tumor"] for r in rows)
     print(f"{len(rows)} slices, {n_tumor} called tumor; wrote {args.out} (predictions.jsonl, masks, overlays"
@@ -64,7 +66,7 @@ def _cmd_predict(args) -> int:
 
 
 def _prediction_flags(p) -> None:
-    """--tta, --min-component and --presence, shared by evaluate and predict."""
+    """--tta, --min-component, --presence and --min-volume-share, shared by evaluate and predict."""
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="predict as the mean over each slice and the flips the run trained with (augment.p_flip_lr, "
                         "p_flip_ud), and (evaluate) score the flips' uncertainty maps unless --samples is given; --no-tta "
@@ -75,6 +77,10 @@ def _prediction_flags(p) -> None:
     p.add_argument("--presence", choices=("class", "mask"), default=None,
                    help="what calls a slice tumor: class, the class head (a slice it calls no tumor gets an empty "
                         "mask); mask, a non-empty mask (default: the run's eval.presence)")
+    p.add_argument("--min-volume-share", type=float, default=None, metavar="S",
+                   help="remove a patient's 3D tumor components (its slices stacked in order; for predict, each "
+                        "case) smaller than S times its largest; 1 keeps the largest only, 0 none removed "
+                        "(default: the run's eval.min_volume_share)")
 
 
 def register(subparsers) -> None:

@@ -2,7 +2,9 @@
 
 Decision rule (shared with `dlvae-jax predict`, see `dlvae_jax.metrics.decide`): a slice's
 mask is the pixels with ``prob >= 0.5`` (components under ``eval.min_component``
-pixels removed). With ``eval.presence = "class"`` a slice is called "tumor"
+pixels removed; with ``eval.min_volume_share`` > 0, the patient's slices are
+stacked in order and its 3D components under that share of its largest are
+removed too). With ``eval.presence = "class"`` a slice is called "tumor"
 when the class head's probability ``tumor_prob >= 0.5``, and the mask of a
 slice called "no tumor" is emptied: the class head decides presence, the
 pixel map extent. With ``"mask"`` a slice is "tumor" when its mask is not
@@ -316,6 +318,39 @@ class _OverlaySheets:
                 title=f"{patient}: Dice per volume {'n/a' if vol is None else f'{vol:.2f}'} (step {step})")
 
 
+class _ByPatient:
+    """Regroups the batches of a record list sorted by patient into whole
+    patients, so each patient's slices are decided as one volume: `add`
+    returns the patients its batch completed, as (records, arrays cut alike)."""
+
+    def __init__(self, records):
+        self.left: dict[str, int] = {}
+        for r in records:
+            self.left[r.patient] = self.left.get(r.patient, 0) + 1
+        runs = sum(a.patient != b.patient for a, b in zip(records, records[1:])) + bool(records)
+        if runs != len(self.left):
+            raise AssertionError("records are not grouped by patient")
+        self.records: list = []
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def add(self, batch, arrays: dict[str, np.ndarray]) -> list[tuple[list, dict[str, np.ndarray]]]:
+        self.records += list(batch)
+        self.arrays = arrays if self.arrays is None else {
+            k: np.concatenate([self.arrays[k], v]) for k, v in arrays.items()}
+        for r in batch:
+            self.left[r.patient] -= 1
+        groups, start = [], 0
+        for i in range(1, len(self.records) + 1):
+            if i == len(self.records) or self.records[i].patient != self.records[start].patient:
+                if self.left[self.records[start].patient]:
+                    break  # the last patient of the buffer is not complete yet
+                groups.append((self.records[start:i], {k: v[start:i] for k, v in self.arrays.items()}))
+                start = i
+        self.records = self.records[start:]
+        self.arrays = {k: v[start:] for k, v in self.arrays.items()}
+        return groups
+
+
 def evaluate(
     workdir: str | os.PathLike,
     *,
@@ -330,6 +365,7 @@ def evaluate(
     tta: bool | None = None,
     min_component: int | None = None,
     presence: str | None = None,
+    min_volume_share: float | None = None,
     seed: int = 0,
     write: bool = True,
     max_patients: int | None = None,
@@ -362,7 +398,8 @@ def evaluate(
     if samples and not getattr(predictor, "can_sample", False):
         raise DlvaeError(f"--samples: the {model_name} model in {workdir} is deterministic (no latent to "
                          "sample); use --tta for test-time-augmentation uncertainty")
-    tta, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
+    tta, min_component, presence, min_volume_share = inference.prediction_settings(
+        predictor, workdir, tta, min_component, presence, min_volume_share)
     flips = getattr(predictor, "tta_flips", ALL_FLIPS)
     score_flips = tta and getattr(predictor, "segments", True)
     calibration = CalibrationAccumulator() if samples or score_flips else None
@@ -398,6 +435,7 @@ def evaluate(
     head_means: list[np.ndarray] = []
     head_shares: list[np.ndarray] = []
     bar = tqdm(total=len(records), desc=f"evaluate {split}", unit="slice", disable=not progress, file=sys.stderr)
+    by_patient = _ByPatient(records)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         images, truth = lgg.load_arrays(batch, channels)
@@ -406,9 +444,7 @@ def evaluate(
         head_means.append(m)
         head_shares.append(sh)
         out = predictor.diagnose(images) if diagnose else predictor(images)
-        masks, labels = decide(out, len(batch), flair.shape[1:], min_component, presence)
         truth = truth.astype(bool)
-        part = acc.add(masks, truth, [r.patient for r in batch], labels, truth.any(axis=(1, 2)))
         if calibration is not None:
             if samples:
                 mean, _ = predictor.sample_stats(images, samples, seed + start)
@@ -418,15 +454,24 @@ def evaluate(
         if diagnose:
             latent["mean"].append(out["latent_mean_BxD"])
             latent["kl"].append(out["latent_kl_BxD"])
-            patients.extend(r.patient for r in batch)
-            single = "single_" if "single_prob_BxHxW" in out else ""  # the probe compares single passes
-            for name in ("base", *PROBES):
-                key = single if name == "base" else f"probe_{name}_"
-                m, lab = decide({"prob_BxHxW": out[f"{key}prob_BxHxW"], "tumor_prob_B": out[f"{key}tumor_prob_B"]},
-                                len(batch), flair.shape[1:], min_component, presence)
-                (base_parts if name == "base" else probe_parts[name]).append(metrics.probe_counts(m, truth, lab))
-        if sheets is not None:
-            sheets.add(batch, flair, truth, masks, part["dice"])
+        # Decisions wait for a patient's last slice: the volume rule needs the whole volume.
+        decided = {k: np.asarray(v) for k, v in out.items() if k.endswith(("prob_BxHxW", "tumor_prob_B"))}
+        for group, arrays in by_patient.add(batch, dict(decided, flair=flair, truth=truth)):
+            flair_g, truth_g, n = arrays["flair"], arrays["truth"], len(group)
+            masks, labels = decide(arrays, n, flair_g.shape[1:], min_component, presence, min_volume_share)
+            part = acc.add(masks, truth_g, [r.patient for r in group], labels, truth_g.any(axis=(1, 2)))
+            if diagnose:
+                patients.extend(r.patient for r in group)
+                single = "single_" if "single_prob_BxHxW" in arrays else ""  # the probe compares single passes
+                for name in ("base", *PROBES):
+                    key = single if name == "base" else f"probe_{name}_"
+                    m, lab = decide({"prob_BxHxW": arrays[f"{key}prob_BxHxW"],
+                                     "tumor_prob_B": arrays[f"{key}tumor_prob_B"]},
+                                    n, flair_g.shape[1:], min_component, presence, min_volume_share)
+                    (base_parts if name == "base" else probe_parts[name]).append(
+                        metrics.probe_counts(m, truth_g, lab))
+            if sheets is not None:
+                sheets.add(group, flair_g, truth_g, masks, part["dice"])
         bar.update(len(batch))
     bar.close()
 
@@ -456,6 +501,7 @@ def evaluate(
         "tta": tta,
         "min_component": int(min_component),
         "presence": presence,
+        "min_volume_share": float(min_volume_share),
         "n_patients_in_train": int(n_in_train),
         "n_patients_in_split": n_in_split,
     })

@@ -65,6 +65,7 @@ class Predictor:
         self.tta_flips = trained_flips(aug.get("p_flip_lr", 0.5), aug.get("p_flip_ud", 0.0))
         self.min_component = int(ev.get("min_component", 0))  # for `metrics.decide`
         self.presence = str(ev.get("presence", "class"))
+        self.min_volume_share = float(ev.get("min_volume_share", 0.0))
         self._predict = self._compile(diagnostics=False)
         self._diagnose = None
 
@@ -208,12 +209,14 @@ def read_config(workdir: Path):
 
 
 def prediction_settings(predictor, workdir, tta: bool | None = None, min_component: int | None = None,
-                        presence: str | None = None) -> tuple[bool, int, str]:
-    """Applies `evaluate`'s and `predict`'s --tta, --min-component and
-    --presence to a predictor (None keeps the run's `eval.*` value) and
-    returns the settings in force: (tta, min_component, presence).
+                        presence: str | None = None,
+                        min_volume_share: float | None = None) -> tuple[bool, int, str, float]:
+    """Applies `evaluate`'s and `predict`'s --tta, --min-component, --presence
+    and --min-volume-share to a predictor (None keeps the run's `eval.*`
+    value) and returns the settings in force: (tta, min_component, presence,
+    min_volume_share).
 
-    Raises DlvaeError for a negative size, an unknown rule, or mask presence
+    Raises DlvaeError for a negative size, a share outside [0, 1], an unknown rule, or mask presence
     asked of a model that gives no mask. --tta on a run trained without flips
     warns and predicts single passes (there is no other view to average)."""
     from dlvae_jax.errors import print_warning
@@ -239,8 +242,11 @@ def prediction_settings(predictor, workdir, tta: bool | None = None, min_compone
     if presence == "mask" and not getattr(predictor, "segments", True):
         raise DlvaeError(f"--presence mask: the {name} model in {workdir} gives no mask, only a slice label; "
                          "use --presence class")
-    predictor.min_component, predictor.presence = min_component, presence
-    return tta, min_component, presence
+    share = float(getattr(predictor, "min_volume_share", 0.0) if min_volume_share is None else min_volume_share)
+    if not 0.0 <= share <= 1.0:
+        raise DlvaeError(f"--min-volume-share must be in [0, 1] (a share of the largest component), got {share}")
+    predictor.min_component, predictor.presence, predictor.min_volume_share = min_component, presence, share
+    return tta, min_component, presence, share
 
 
 def has_validation(workdir: Path) -> bool:

@@ -11,6 +11,9 @@ file, and the slice images of each folder, is a *case*. Masks are decided as in 
 (`dlvae_jax.metrics.decide`, with the run's ``eval.presence``): the pixel
 map's ``prob >= 0.5`` says where; whether there is a tumor is said by the
 class head's ``tumor_prob >= 0.5`` ("class") or by a non-empty mask ("mask").
+With ``eval.min_volume_share`` (or --min-volume-share) > 0, each case's
+slices, in order, are one volume, and its 3D tumor components under that share
+of its largest are removed.
 
 Per case, in ``DIR/<case>/``:
 
@@ -109,6 +112,26 @@ def _batches(case: imageio.Case, size: int, channels: str
         yield names, np.stack(images), np.stack(flairs)
 
 
+def _decide_case(case: imageio.Case, parts: list, min_component: int, presence: str, share: float
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(masks, labels) for each predicted batch of one case (`metrics.decide`).
+    With a volume share the case's slices are decided as one volume, in
+    order; a case whose slices differ in size has no volume, so its slices
+    are decided one batch at a time without the volume rule (a warning says so)."""
+    decided = lambda result, n, shape, s: decide(result, n, shape, min_component, presence, s)
+    if share > 0 and len({flair.shape[1:] for _, _, flair, _, _ in parts}) == 1:
+        whole = {k: np.concatenate([np.asarray(r[k]) for _, _, _, r, _ in parts])
+                 for k in ("prob_BxHxW", "tumor_prob_B")}
+        n = sum(len(names) for names, *_ in parts)
+        masks, labels = decided(whole, n, parts[0][2].shape[1:], share)
+        ends = np.cumsum([len(names) for names, *_ in parts])[:-1]
+        return list(zip(np.split(masks, ends), np.split(labels, ends)))
+    if share > 0:
+        print_warning(f"{case.name}: slices of several sizes are not one volume; --min-volume-share is not "
+                      "applied to this case")
+    return [decided(result, len(names), flair.shape[1:], 0.0) for names, _, flair, result, _ in parts]
+
+
 class _Volumes:
     """A case's per-slice maps, stacked into NIfTI volumes when the case ends."""
 
@@ -149,10 +172,12 @@ def predict(
     tta: bool | None = None,
     min_component: int | None = None,
     presence: str | None = None,
+    min_volume_share: float | None = None,
 ) -> list[dict]:
     """Writes the files of the module docstring into `out`; returns the predictions.jsonl rows.
 
-    tta, min_component, presence: as `evaluate`'s (None: the run's `eval.*`)."""
+    tta, min_component, presence, min_volume_share: as `evaluate`'s (None:
+    the run's `eval.*`); the volume rule treats each case as one volume."""
     from tqdm import tqdm
 
     workdir, out = Path(workdir), Path(out)
@@ -167,7 +192,8 @@ def predict(
     _check_out(out, workdir)
     with output_folder(out, "predict", overwrite=overwrite, inputs=list(inputs)) as tmp:
         # After the output folder's checks, so a refused --out is refused before the model is used.
-        _, min_component, presence = inference.prediction_settings(predictor, workdir, tta, min_component, presence)
+        _, min_component, presence, share = inference.prediction_settings(predictor, workdir, tta, min_component,
+                                                                           presence, min_volume_share)
         channels = model_channels(predictor.config)
         bar = tqdm(total=sum(c.n_slices for c in cases), desc="predict",
                    unit="slice", disable=not progress, file=sys.stderr)
@@ -177,20 +203,25 @@ def predict(
             folder = tmp / case.name
             folder.mkdir(exist_ok=True)
             volumes = _Volumes(case)
+            parts = []  # the case's batches, predicted; decided once the whole case is in
             for names, images, flair in _batches(case, BATCH_SIZE, channels):
                 m, sh = shift.slice_means(flair)
                 head_means.append(m)
                 head_shares.append(sh)
                 result = predictor(images)
-                masks, labels = decide(result, len(names), flair.shape[1:], min_component, presence)
-                tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
-                prob = np.asarray(result["prob_BxHxW"], np.float32)
                 mean = None
                 if samples:
                     # The count of slices before this batch joins the seed so each batch draws fresh noise.
                     mean = np.asarray(predictor.sample_mean(images, samples, seed + done), np.float32)
                     if mean.shape != flair.shape:
                         raise DlvaeError(f"predictor.sample_mean returned {mean.shape}, expected {flair.shape}")
+                parts.append((names, images, flair, result, mean))
+                done += len(names)
+                bar.update(len(names))
+            for (names, images, flair, result, mean), (masks, labels) in zip(
+                    parts, _decide_case(case, parts, min_component, presence, share)):
+                tumor_prob = np.asarray(result["tumor_prob_B"], np.float32).reshape(-1)
+                prob = np.asarray(result["prob_BxHxW"], np.float32)
                 for j, (source, stem) in enumerate(names):
                     mask = masks[j].astype(np.uint8)
                     (folder / f"{stem}_mask.tif").write_bytes(_tiff_bytes(mask * 255))
@@ -223,8 +254,6 @@ def predict(
                     if case.kind == "slices":  # the model's input, so the volume can be predicted again
                         volumes.add(image=images[j])
                     rows.append(row)
-                done += len(names)
-                bar.update(len(names))
             volumes.write(folder)
         bar.close()
         trained = shift.read_profile(workdir)  # files of any origin: only their intensities are compared

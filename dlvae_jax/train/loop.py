@@ -85,6 +85,7 @@ def _flat(d: dict, prefix=()) -> dict:
 # Fields added after runs were written, with the value that gives the behaviour
 # those runs had: absent from an old config.json, they are not a conflict.
 ADDED_WITH_DEFAULT = {("eval", "tta"): False, ("eval", "min_component"): 0, ("eval", "presence"): "class",
+                      ("eval", "min_volume_share"): 0.0,
                       ("model", "use_vae"): True, ("loss", "dice_kind"): "slice", ("loss", "dice_fn_weight"): 0.5,
                       ("augment", "p_missing_sequence"): 0.0}
 
