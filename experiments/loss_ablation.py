@@ -117,6 +117,8 @@ def run(args) -> dict:
         cfg.data.fractions = (0.85, 0.15, 0.0)
     if "augment.p_missing_sequence" not in named:
         cfg.augment.p_missing_sequence = 0.0  # as the ablation was measured, before the `cpu` config added it
+    if "eval.min_volume_share" not in named:
+        cfg.eval.min_volume_share = 0.0  # likewise for the 3D component rule
     cfg.data.data_dir = str(args.data_dir)
     cfg.train.steps = int(args.steps)
     cfg.train.seed = int(args.seed)

@@ -102,6 +102,8 @@ def cell_config(model: str, seed: int, steps: int, data_dir: Path, split_seed: i
         cfg.data.fractions = TABLE_FRACTIONS  # the table's protocol needs test patients, whatever the config trains on
     if "augment.p_missing_sequence" not in named:
         cfg.augment.p_missing_sequence = 0.0  # as the tables were measured, before the `cpu` config added it
+    if "eval.min_volume_share" not in named:
+        cfg.eval.min_volume_share = 0.0  # likewise for the 3D component rule
     cfg.data.data_dir = str(data_dir)
     cfg.data.split_seed = int(split_seed)
     cfg.train.seed = int(seed)

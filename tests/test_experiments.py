@@ -83,3 +83,32 @@ def test_recipe_pairs_the_same_patients_and_refuses_other_folds(tmp_path):
     _write_cv(tmp_path / "d.json", folds, new, [], steps=300)
     with pytest.raises(SystemExit, match="steps"):
         recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'd.json'}:dlvae_cnn", "--out", str(out)])
+
+
+def _volume_rule():
+    spec = importlib.util.spec_from_file_location("volume_rule", _PATH.with_name("volume_rule.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_volume_rule_scores_by_hand_and_picks_a_fold_share_on_the_other_folds_only():
+    vr = _volume_rule()
+    # One patient, 3 slices of 6x6: a 2x2x2 tumor predicted exactly, plus a stray pixel on slice 2.
+    truth = np.zeros((3, 6, 6), bool)
+    truth[0:2, 1:3, 1:3] = True
+    prob = np.where(truth, 0.9, 0.1).astype(np.float32)
+    prob[2, 5, 5] = 0.8
+    pred = (prob, np.zeros(3, np.float32), truth)
+    dice, right = vr.score_patient(pred, 0.0, "mask")
+    assert dice == pytest.approx(2 * 8 / (9 + 8)) and right.tolist() == [True, True, False]
+    dice, right = vr.score_patient(pred, 0.5, "mask")  # the 1-voxel component is under half of 8
+    assert dice == 1.0 and right.tolist() == [True, True, True]
+    # Picks: share 0.5 wins on folds a and b, share 0 on fold c; fold c's own best never decides its share.
+    def fold(best):
+        return {s: {"dice": {"p": 0.9 if s == best else 0.5}, "right": np.array([s == best])} for s in vr.SHARES}
+    scores = {"a": fold(0.5), "b": fold(0.5), "c": fold(0.0)}
+    assert vr._pick(scores, ["a", "b"]) == 0.5 and vr._pick(scores, ["c"]) == 0.0
+    assert vr._pick(scores, ["a", "b", "c"]) == 0.5
+    tie = {"a": {s: {"dice": {"p": 0.7}, "right": np.array([True])} for s in vr.SHARES}}
+    assert vr._pick(tie, ["a"]) == 0.0  # a tie goes to the smaller share
