@@ -45,9 +45,10 @@ def _vae_effect():
     return module
 
 
-def predict_fold(workdir: Path, split: str = "test", batch_size: int = 32) -> dict:
-    """One fold's single-pass predictions of a split, grouped by patient (slices in order):
-    {patient: (prob float32 [D, H, W], tumor_prob [D], truth bool [D, H, W])}."""
+def predict_fold(workdir: Path, split: str = "test", batch_size: int = 32) -> tuple[dict, int]:
+    """One fold's single-pass predictions of a split, grouped by patient (slices in order),
+    {patient: (prob float32 [D, H, W], tumor_prob [D], truth bool [D, H, W])}, and the run's
+    eval.min_component."""
     from dlvae_jax.data import lgg
     from dlvae_jax.eval import inference
     from dlvae_jax.eval.evaluate import default_data_dir, model_channels, select_records
@@ -66,16 +67,17 @@ def predict_fold(workdir: Path, split: str = "test", batch_size: int = 32) -> di
         truth.append(masks.astype(bool))
     prob, tumor_prob, truth = np.concatenate(prob), np.concatenate(tumor_prob), np.concatenate(truth)
     ids = np.array([r.patient for r in records])
-    return {q: (prob[ids == q], tumor_prob[ids == q], truth[ids == q]) for q in sorted(set(ids))}
+    return ({q: (prob[ids == q], tumor_prob[ids == q], truth[ids == q]) for q in sorted(set(ids))},
+            int(predictor.min_component))
 
 
-def score_patient(pred: tuple, share: float, presence: str) -> tuple[float, np.ndarray]:
+def score_patient(pred: tuple, share: float, presence: str, min_component: int = 0) -> tuple[float, np.ndarray]:
     """(Dice of the patient's volume, per slice whether its tumor call is right)."""
     from dlvae_jax.metrics import decide
 
     prob, tumor_prob, truth = pred
-    masks, labels = decide({"prob_BxHxW": prob, "tumor_prob_B": tumor_prob}, len(prob), prob.shape[1:], 0,
-                           presence, share)
+    masks, labels = decide({"prob_BxHxW": prob, "tumor_prob_B": tumor_prob}, len(prob), prob.shape[1:],
+                           min_component, presence, share)
     total = masks.sum() + truth.sum()
     dice = 1.0 if total == 0 else 2.0 * float((masks & truth).sum()) / float(total)
     return dice, labels == truth.any(axis=(1, 2))
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
                    help="the slice rule the shares are applied under (default: mask, the cpu recipe's)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    p.add_argument("--name", default="volume_rule", help="file stem of the report (<name>.md, <name>.json)")
     args = p.parse_args(argv)
     folds = sorted(d for d in args.runs.glob(f"fold*/{args.arm}") if (d / "checkpoints").is_dir())
     if not folds:
@@ -107,10 +110,10 @@ def main(argv=None) -> int:
     scores: dict[str, dict] = {}
     for wd in folds:
         fold = wd.parent.name
-        preds = predict_fold(wd)
+        preds, min_component = predict_fold(wd)
         scores[fold] = {}
         for s in SHARES:
-            per = {q: score_patient(v, s, args.presence) for q, v in preds.items()}
+            per = {q: score_patient(v, s, args.presence, min_component) for q, v in preds.items()}
             scores[fold][s] = {"dice": {q: d for q, (d, _) in per.items()},
                                "right": np.concatenate([ok for _, ok in per.values()])}
         print(f"{fold}: {len(preds)} test patients predicted", flush=True)
@@ -142,12 +145,13 @@ def main(argv=None) -> int:
                    "minus_no_removal": ve.paired_stats(nested_dice, none_dice, 10000, args.seed)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "volume_rule.json", json_safe(result))
+    write_json(args.out / f"{args.name}.json", json_safe(result))
     n = result["nested"]
     lines = ["# The 3D component rule, chosen by cross-validation over patients", "", "Made by:", "", "```",
              result["command"], "```", "",
              f"Out-of-fold predictions of `{args.runs}` ({len(names)} folds, arm `{args.arm}`, presence rule "
-             f"`{args.presence}`, single passes): every patient scored once by the fold model that never saw it. "
+             f"`{args.presence}`, single passes, each run's own `eval.min_component`): every patient scored once "
+             "by the fold model that never saw it. "
              "A share S removes each patient's 3D tumor components (26-connected, slices stacked in order) smaller "
              "than S times its largest.", "",
              f"| share | Dice per volume, mean (sd) | median | slice accuracy | " +
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
               f"({n['slices']} slices)**. Paired against no removal: {d['mean_diff']:+.3f} (bootstrap 95% CI "
               f"{d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), better on {d['wins']}, worse on {d['losses']}, "
               f"Wilcoxon p {d['wilcoxon_p']:.2g}.", ""]
-    write_text(args.out / "volume_rule.md", "\n".join(lines))
+    write_text(args.out / f"{args.name}.md", "\n".join(lines))
     print(f"chosen on all folds {chosen_all:g}; nested: Dice {n['dice']['mean']:.3f} (sd {n['dice']['sd']:.3f}, "
           f"n {n['dice']['n']}), accuracy {n['accuracy']:.3f}; against none {d['mean_diff']:+.3f} "
           f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] p {d['wilcoxon_p']:.2g}", flush=True)
