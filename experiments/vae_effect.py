@@ -54,7 +54,8 @@ PAIRS = (("dlvae_cnn", "no_vae"), ("dlvae_cnn", "unet"), ("no_vae", "unet"), ("d
 _CPU_AS_CROSS_VALIDATED = ["data.fractions=(0.85,0.15,0.0)", "augment.p_missing_sequence=0.0",
                            "eval.min_volume_share=0.0"]
 ARM_CONFIG = {"dlvae_cnn": ("cpu", _CPU_AS_CROSS_VALIDATED),
-              "no_vae": ("cpu", ["model.use_vae=False", *_CPU_AS_CROSS_VALIDATED]), "unet": ("unet", [])}
+              "no_vae": ("cpu", ["model.use_vae=False", *_CPU_AS_CROSS_VALIDATED]),
+              "unet": ("unet", ["eval.min_volume_share=0.0"])}
 
 
 def parse_args(argv=None):
