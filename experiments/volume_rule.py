@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                     "folds": {f: {"dice": float(np.mean(list(scores[f][s]["dice"].values()))),
                                   "accuracy": float(scores[f][s]["right"].mean())} for f in names}}
     chosen_all = _pick(scores, names)
-    nested, nested_dice, none_dice, nested_right = {}, [], [], []
+    nested, nested_dice, none_dice, nested_right, per_patient = {}, [], [], [], {}
     for f in names:
         s = _pick(scores, [g for g in names if g != f]) if len(names) > 1 else 0.0
         nested[f] = s
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         nested_dice += [scores[f][s]["dice"][q] for q in patients]
         none_dice += [scores[f][0.0]["dice"][q] for q in patients]
         nested_right.append(scores[f][s]["right"])
+        per_patient.update({q: scores[f][s]["dice"][q] for q in patients})
     nested_dice, none_dice = np.array(nested_dice), np.array(none_dice)
     nested_right = np.concatenate(nested_right)
     result = {
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
         "chosen_on_all_folds": chosen_all, "nested_choice": nested,
         "nested": {"dice": ve.summary(nested_dice), "accuracy": float(nested_right.mean()),
                    "slices": int(nested_right.size),
-                   "minus_no_removal": ve.paired_stats(nested_dice, none_dice, 10000, args.seed)},
+                   "minus_no_removal": ve.paired_stats(nested_dice, none_dice, 10000, args.seed),
+                   "per_patient": per_patient},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{args.name}.json", json_safe(result))
