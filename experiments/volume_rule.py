@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--arm", default="dlvae_cnn")
     p.add_argument("--presence", choices=("class", "mask"), default="mask",
                    help="the slice rule the shares are applied under (default: mask, the cpu recipe's)")
+    p.add_argument("--min-component", type=int, default=None, metavar="N",
+                   help="2D components under N pixels removed first (default: each run's own eval.min_component)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--name", default="volume_rule", help="file stem of the report (<name>.md, <name>.json)")
@@ -108,9 +110,13 @@ def main(argv=None) -> int:
         p.error(f"--runs {args.runs}: no fold*/{args.arm} runs with checkpoints (run experiments/vae_effect.py)")
     ve = _vae_effect()
     scores: dict[str, dict] = {}
+    used_min: set[int] = set()
     for wd in folds:
         fold = wd.parent.name
         preds, min_component = predict_fold(wd)
+        if args.min_component is not None:
+            min_component = args.min_component
+        used_min.add(min_component)
         scores[fold] = {}
         for s in SHARES:
             per = {q: score_patient(v, s, args.presence, min_component) for q, v in preds.items()}
@@ -139,7 +145,7 @@ def main(argv=None) -> int:
     nested_right = np.concatenate(nested_right)
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "runs": str(args.runs),
-        "arm": args.arm, "presence": args.presence, "shares": {str(s): v for s, v in table.items()},
+        "arm": args.arm, "presence": args.presence, "min_component": sorted(used_min), "shares": {str(s): v for s, v in table.items()},
         "chosen_on_all_folds": chosen_all, "nested_choice": nested,
         "nested": {"dice": ve.summary(nested_dice), "accuracy": float(nested_right.mean()),
                    "slices": int(nested_right.size),
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
     lines = ["# The 3D component rule, chosen by cross-validation over patients", "", "Made by:", "", "```",
              result["command"], "```", "",
              f"Out-of-fold predictions of `{args.runs}` ({len(names)} folds, arm `{args.arm}`, presence rule "
-             f"`{args.presence}`, single passes, each run's own `eval.min_component`): every patient scored once "
+             f"`{args.presence}`, single passes, 2D components under "
+             f"{'/'.join(str(m) for m in sorted(used_min))} pixels removed first): every patient scored once "
              "by the fold model that never saw it. "
              "A share S removes each patient's 3D tumor components (26-connected, slices stacked in order) smaller "
              "than S times its largest.", "",
