@@ -53,7 +53,7 @@ def test_every_named_config_loads_and_builds_its_model():
         cfg = configs.load(name)
         ex.check_config(cfg)
         assert cfg.model.name in ("dlvae_cnn", "unet", "cnn", "vgg16", "dcnn")
-    assert configs.load("cpu").data.image_size == 128 and configs.load("unet").data.image_size == 128
+    assert configs.load("cpu").data.image_size == 64 and configs.load("unet").data.image_size == 128
     assert configs.load("default").model.dtype == "bfloat16"
 
 
