@@ -39,8 +39,9 @@ def _vae_effect():
     return module
 
 
-def predictions(workdir: Path, split: str, batch_size: int = 32) -> dict:
-    """Per slice of the split: probabilities without and with TTA, truth, patient."""
+def predictions(workdir: Path, split: str, batch_size: int = 32, tta: bool = True) -> dict:
+    """Per slice of the split: probabilities without and (with `tta`) with TTA, truth, patient, and the
+    run's eval.min_component."""
     from dlvae_jax.data import lgg
     from dlvae_jax.eval import inference
     from dlvae_jax.eval.evaluate import default_data_dir, model_channels, select_records
@@ -54,12 +55,14 @@ def predictions(workdir: Path, split: str, batch_size: int = 32) -> dict:
         images, truth = lgg.load_arrays(records[start:start + batch_size], channels)
         predictor.tta = False
         out["single"].append(predictor(images))
-        predictor.tta = True
-        out["tta"].append(predictor(images))
+        if tta:
+            predictor.tta = True
+            out["tta"].append(predictor(images))
         out["truth"].append(truth.astype(bool))
     cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return {"single": cat(out["single"]), "tta": cat(out["tta"]), "truth": np.concatenate(out["truth"]),
-            "patients": out["patients"]}
+    return {"single": cat(out["single"]), "tta": cat(out["tta"]) if tta else None,
+            "truth": np.concatenate(out["truth"]), "patients": out["patients"],
+            "min_component": int(predictor.min_component)}
 
 
 def score(pred: dict, presence: str, use_tta: bool, min_size: int) -> tuple[dict[str, float], np.ndarray]:

@@ -45,30 +45,19 @@ def _vae_effect():
     return module
 
 
-def predict_fold(workdir: Path, split: str = "test", batch_size: int = 32) -> tuple[dict, int]:
-    """One fold's single-pass predictions of a split, grouped by patient (slices in order),
-    {patient: (prob float32 [D, H, W], tumor_prob [D], truth bool [D, H, W])}, and the run's
-    eval.min_component."""
-    from dlvae_jax.data import lgg
-    from dlvae_jax.eval import inference
-    from dlvae_jax.eval.evaluate import default_data_dir, model_channels, select_records
-
-    predictor = inference.load_predictor(workdir)
-    predictor.tta = False
-    index = lgg.scan(default_data_dir(predictor.config, workdir))
-    records, _ = select_records(index, workdir, split)
-    channels = model_channels(predictor.config)
-    prob, tumor_prob, truth = [], [], []
-    for start in range(0, len(records), batch_size):
-        images, masks = lgg.load_arrays(records[start:start + batch_size], channels)
-        out = predictor(images)
-        prob.append(np.asarray(out["prob_BxHxW"], np.float32))
-        tumor_prob.append(np.asarray(out["tumor_prob_B"], np.float32).reshape(-1))
-        truth.append(masks.astype(bool))
-    prob, tumor_prob, truth = np.concatenate(prob), np.concatenate(tumor_prob), np.concatenate(truth)
-    ids = np.array([r.patient for r in records])
+def predict_fold(workdir: Path, split: str = "test") -> tuple[dict, int]:
+    """One fold's single-pass predictions of a split (`postprocess.predictions`), grouped by patient
+    (slices in order), {patient: (prob float32 [D, H, W], tumor_prob [D], truth bool [D, H, W])}, and the
+    run's eval.min_component."""
+    spec = importlib.util.spec_from_file_location("postprocess", Path(__file__).with_name("postprocess.py"))
+    postprocess = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(postprocess)
+    pred = postprocess.predictions(workdir, split, tta=False)
+    prob = np.asarray(pred["single"]["prob_BxHxW"], np.float32)
+    tumor_prob = np.asarray(pred["single"]["tumor_prob_B"], np.float32).reshape(-1)
+    truth, ids = pred["truth"], np.array(pred["patients"])
     return ({q: (prob[ids == q], tumor_prob[ids == q], truth[ids == q]) for q in sorted(set(ids))},
-            int(predictor.min_component))
+            pred["min_component"])
 
 
 def score_patient(pred: tuple, share: float, presence: str, min_component: int = 0) -> tuple[float, np.ndarray]:
