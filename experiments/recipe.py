@@ -11,6 +11,13 @@ interval and Wilcoxon p (`vae_effect.paired_stats`). Nothing here looks at
 data outside the folds, so a setting chosen from this table is chosen by
 cross-validation over patients.
 
+An input may also be a `volume_rule.json` written by
+`experiments/volume_rule.py` into the same folder as its `vae_effect.json`:
+its patients then carry their nested figures with the 3D component rule (the
+share picked on the other folds), and the folds, steps and command come from
+that `vae_effect.json`. Inputs trained for different step counts are refused
+unless `--steps-vary` says the comparison is about the steps.
+
     python experiments/vae_effect.py --data-dir ../shared/data/lgg/kaggle_3m --folds 3 --steps 600 \\
         --set data.image_size=64 --set data.channels=all --arms dlvae_cnn \\
         --runs workdir/channels_all --out experiments/results/channels_all
@@ -47,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default="recipe", help="output names: NAME.md and NAME.json (default recipe)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap draws (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--steps-vary", action="store_true",
+                   help="compare inputs trained for different step counts (the steps are the setting compared)")
     return p.parse_args(argv)
 
 
@@ -59,14 +68,28 @@ def load(spec: str) -> dict:
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
     result = json.loads(path.read_text())
+    rule = None
+    if "nested" in result:  # a volume_rule.json: its nested figures, the folds of the vae_effect.json beside it
+        if result.get("arm") != arm:
+            raise SystemExit(f"{path}: made for arm {result.get('arm')!r}, not {arm!r}")
+        rule, cv_path = result, path.with_name("vae_effect.json")
+        if not cv_path.is_file():
+            raise SystemExit(f"{path}: no vae_effect.json beside it to give its folds and steps")
+        result = json.loads(cv_path.read_text())
     if arm not in result.get("arms", {}):
         raise SystemExit(f"{path}: no arm {arm!r}; have {', '.join(sorted(result.get('arms', {})))}")
     data = result["arms"][arm]
     dice = {p: v["dice"] if isinstance(v, dict) else v for p, v in data["per_patient"].items()}
+    accuracy = data.get("slice_accuracy")
     overrides = [o for o in result.get("overrides", []) if o]
-    return {"label": f"{arm} " + (" ".join(overrides) if overrides else "(defaults)"), "file": str(path), "arm": arm,
-            "overrides": overrides, "folds_patients": result["folds_patients"], "steps": result.get("steps"),
-            "dice": dice, "slice_accuracy": data.get("slice_accuracy"), "command": result.get("command", "")}
+    label = f"{arm} " + (" ".join(overrides) if overrides else "(defaults)")
+    if rule is not None:
+        dice, accuracy = rule["nested"]["per_patient"], rule["nested"]["accuracy"]
+        label += f", presence {rule['presence']} + 3D rule (nested)"
+    commands = [result.get("command", "")] + ([rule["command"]] if rule is not None else [])
+    return {"label": label, "file": str(path), "arm": arm, "overrides": overrides,
+            "folds_patients": result["folds_patients"], "steps": result.get("steps"), "dice": dice,
+            "slice_accuracy": accuracy, "command": "\n".join(c for c in commands if c)}
 
 
 def main(argv=None) -> int:
@@ -78,8 +101,12 @@ def main(argv=None) -> int:
         if [sorted(f) for f in run["folds_patients"]] != [sorted(f) for f in ref["folds_patients"]]:
             raise SystemExit(f"{run['file']}: its folds differ from {ref['file']}'s; run both with the same "
                              "--folds, --seed and data")
-        if run["steps"] != ref["steps"]:
-            raise SystemExit(f"{run['file']}: {run['steps']} steps, {ref['file']}: {ref['steps']}; compare like with like")
+        if run["steps"] != ref["steps"] and not args.steps_vary:
+            raise SystemExit(f"{run['file']}: {run['steps']} steps, {ref['file']}: {ref['steps']}; compare like with "
+                             "like, or pass --steps-vary when the steps are the setting compared")
+    if args.steps_vary:
+        for run in runs:
+            run["label"] += f", {run['steps']} steps"
     patients = sorted(ref["dice"])
     rows, comparisons = [], []
     for run in runs:
@@ -93,12 +120,14 @@ def main(argv=None) -> int:
             base = np.array([ref["dice"][p] for p in patients], np.float64)
             comparisons.append({"label": run["label"], "against": ref["label"],
                                 **ve.paired_stats(values, base, args.bootstrap, args.seed)})
-    result = {"patients": patients, "rows": rows, "comparisons": comparisons, "steps": ref["steps"],
+    steps = sorted({r["steps"] for r in runs}, key=str)
+    result = {"patients": patients, "rows": rows, "comparisons": comparisons,
+              "steps": steps[0] if len(steps) == 1 else steps,
               "commands": [r["command"] for r in runs],
               "command": "python experiments/recipe.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
     lines = [f"# Recipe choices by {len(ref['folds_patients'])}-fold cross-validation over patients", "",
              f"Every one of the {len(patients)} patients scored once, as test, by the fold's model that never saw "
-             f"it; {ref['steps']} steps per fold. Made by:", "", "```", result["command"], "```", "",
+             f"it; {f'{steps[0]} steps' if len(steps) == 1 else 'the steps in each label'} per fold. Made by:", "", "```", result["command"], "```", "",
              "from these cross-validation runs:", "", "```", *[c for c in result["commands"] if c], "```", "",
              f"| setting | Dice per volume, mean (sd), n = {len(patients)} | median | slice accuracy |",
              "|---|---|---|---|"]

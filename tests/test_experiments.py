@@ -83,6 +83,41 @@ def test_recipe_pairs_the_same_patients_and_refuses_other_folds(tmp_path):
     _write_cv(tmp_path / "d.json", folds, new, [], steps=300)
     with pytest.raises(SystemExit, match="steps"):
         recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'd.json'}:dlvae_cnn", "--out", str(out)])
+    # ... unless the steps are what is compared; each label then names its steps.
+    assert recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'd.json'}:dlvae_cnn", "--out", str(out),
+                        "--name", "st", "--steps-vary", "--bootstrap", "500"]) == 0
+    got = json.loads((out / "st.json").read_text())
+    assert got["comparisons"][0]["mean_diff"] == pytest.approx(d.mean())
+    assert got["rows"][0]["label"].endswith("600 steps") and got["rows"][1]["label"].endswith("300 steps")
+
+
+def test_recipe_reads_the_nested_figures_of_a_volume_rule_json(tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location("recipe", _PATH.with_name("recipe.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    folds = [["A", "B"], ["C", "D"]]
+    base = {"A": 0.5, "B": 0.6, "C": 0.2, "D": 0.9}
+    _write_cv(tmp_path / "a" / "vae_effect.json", folds, base, [])
+    _write_cv(tmp_path / "b" / "vae_effect.json", folds, {p: 0.0 for p in base}, [])  # not what is read
+    nested = {"A": 0.7, "B": 0.6, "C": 0.1, "D": 0.95}
+    (tmp_path / "b" / "volume_rule.json").write_text(json.dumps({
+        "arm": "dlvae_cnn", "presence": "mask", "command": "python experiments/volume_rule.py ...",
+        "nested": {"per_patient": nested, "accuracy": 0.93}}))
+    out = tmp_path / "out"
+    assert recipe.main([f"{tmp_path / 'a' / 'vae_effect.json'}:dlvae_cnn",
+                        f"{tmp_path / 'b' / 'volume_rule.json'}:dlvae_cnn", "--out", str(out), "--bootstrap", "500"]) == 0
+    got = json.loads((out / "recipe.json").read_text())
+    c = got["comparisons"][0]
+    assert c["mean_diff"] == pytest.approx(np.mean([nested[p] - base[p] for p in base]))
+    assert (c["wins"], c["losses"], c["ties"]) == (2, 1, 1)
+    assert got["rows"][1]["slice_accuracy"] == 0.93 and "3D rule (nested)" in got["rows"][1]["label"]
+    with pytest.raises(SystemExit, match="arm"):
+        recipe.main([f"{tmp_path / 'b' / 'volume_rule.json'}:unet", "--out", str(out)])
+    (tmp_path / "b" / "vae_effect.json").unlink()
+    with pytest.raises(SystemExit, match="no vae_effect.json beside it"):
+        recipe.main([f"{tmp_path / 'b' / 'volume_rule.json'}:dlvae_cnn", "--out", str(out)])
 
 
 def _volume_rule():
