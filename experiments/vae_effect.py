@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, required=True, help="LGG data in the kaggle_3m layout")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
     p.add_argument("--val-patients", type=int, default=4,
-                   help="training patients of each fold held out to pick the best checkpoint (default 4)")
+                   help="training patients of each fold held out to pick the best checkpoint (default 4); 0 "
+                        "trains on every non-test patient and keeps the last checkpoint, as the `cpu` recipe does")
     p.add_argument("--steps", type=int, default=600, help="train steps per arm and fold (default 600)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -82,8 +83,8 @@ def parse_args(argv=None):
         p.error(f"--arms: a comma-separated subset of {','.join(ARMS)}")
     if args.folds < 2:
         p.error("--folds must be at least 2")
-    if args.steps < 1 or args.val_patients < 1 or args.bootstrap < 100:
-        p.error("--steps and --val-patients must be >= 1, --bootstrap >= 100")
+    if args.steps < 1 or args.val_patients < 0 or args.bootstrap < 100:
+        p.error("--steps must be >= 1, --val-patients >= 0, --bootstrap >= 100")
     if not args.render and not args.data_dir.is_dir():
         p.error(f"--data-dir {args.data_dir}: no such folder")
     return args
@@ -97,6 +98,8 @@ def assign_folds(patients: list[str], k: int, seed: int) -> list[list[str]]:
 
 def fold_splits(folds: list[list[str]], i: int, n_val: int, seed: int) -> dict[str, list[str]]:
     rest = sorted(p for j, f in enumerate(folds) if j != i for p in f)
+    if n_val == 0:  # every non-test patient trains; the last checkpoint is kept
+        return {"train": rest, "validation": [], "test": list(folds[i])}
     val = sorted(str(p) for p in np.random.default_rng(seed + 1000 + i).choice(rest, size=n_val, replace=False))
     return {"train": sorted(set(rest) - set(val)), "validation": val, "test": list(folds[i])}
 
@@ -238,12 +241,18 @@ def latent_rows(runs: Path) -> list[dict]:
     return rows
 
 
+def _val_phrase(n_val: int) -> str:
+    if n_val == 0:
+        return "every other patient trains and the last checkpoint is kept"
+    return f"{n_val} training patients per fold pick the best checkpoint"
+
+
 def render(result: dict, analysis: dict, out: Path, runs: Path | None = None) -> None:
     lines = ["# What the VAE adds: cross-validated, paired, on every patient", "",
              "Made by:", "", "```", result["command"], "```", "",
              f"Data: {result['n_patients']} patients, {result['folds']} patient-level folds (each patient scored "
-             f"once, as test, by models that never saw it); {result['val_patients']} training patients per fold "
-             f"pick the best checkpoint. Every trained arm: {result['steps']} steps, config overrides "
+             f"once, as test, by models that never saw it); {_val_phrase(result['val_patients'])}. "
+             f"Every trained arm: {result['steps']} steps, config overrides "
              f"`{' '.join(result['overrides']) or 'none'}`, seed {result['seed']}. Ran on {result['machine']} "
              f"in {result['wall_min']:.0f} min.", "",
              "## Dice per patient volume (test folds)", "",

@@ -27,6 +27,10 @@ def test_every_patient_is_tested_once_and_never_trained_on_in_its_fold():
         assert not (set(s["train"]) | set(s["validation"])) & set(s["test"])
         assert not set(s["train"]) & set(s["validation"])
         assert sorted(s["train"] + s["validation"] + s["test"]) == patients
+        # No validation patients (the `cpu` recipe's protocol): every patient outside the test fold trains.
+        s0 = vae_effect.fold_splits(folds, i, 0, seed=3)
+        assert s0["validation"] == [] and s0["test"] == folds[i]
+        assert s0["train"] == sorted(set(patients) - set(folds[i]))
 
 
 def test_paired_stats_by_hand_and_against_scipy():
