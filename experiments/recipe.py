@@ -16,7 +16,9 @@ An input may also be a `volume_rule.json` written by
 its patients then carry their nested figures with the 3D component rule (the
 share picked on the other folds), and the folds, steps and command come from
 that `vae_effect.json`. Inputs trained for different step counts are refused
-unless `--steps-vary` says the comparison is about the steps.
+unless `--steps-vary` says the comparison is about the steps. Inputs whose
+folds held back different numbers of validation patients (`--val-patients`)
+are labelled with that number.
 
     python experiments/vae_effect.py --data-dir ../shared/data/lgg/kaggle_3m --folds 3 --steps 600 \\
         --set data.image_size=64 --set data.channels=all --arms dlvae_cnn \\
@@ -88,7 +90,8 @@ def load(spec: str) -> dict:
         label += f", presence {rule['presence']} + 3D rule (nested)"
     commands = [result.get("command", "")] + ([rule["command"]] if rule is not None else [])
     return {"label": label, "file": str(path), "arm": arm, "overrides": overrides,
-            "folds_patients": result["folds_patients"], "steps": result.get("steps"), "dice": dice,
+            "folds_patients": result["folds_patients"], "steps": result.get("steps"),
+            "val_patients": result.get("val_patients"), "dice": dice,
             "slice_accuracy": accuracy, "command": "\n".join(c for c in commands if c)}
 
 
@@ -107,6 +110,11 @@ def main(argv=None) -> int:
     if args.steps_vary:
         for run in runs:
             run["label"] += f", {run['steps']} steps"
+    if len({run["val_patients"] for run in runs}) > 1:  # a different training set: the labels say so
+        for run in runs:
+            n_val = run["val_patients"]
+            run["label"] += (", no validation patients (last checkpoint)" if n_val == 0 else
+                             f", {n_val} validation patients per fold")
     patients = sorted(ref["dice"])
     rows, comparisons = [], []
     for run in runs:

@@ -49,13 +49,13 @@ def test_paired_stats_by_hand_and_against_scipy():
     assert [lo, hi] == pytest.approx([np.percentile(means, 2.5), np.percentile(means, 97.5)])
 
 
-def _write_cv(path: Path, folds, dice: dict, overrides, steps=600):
+def _write_cv(path: Path, folds, dice: dict, overrides, steps=600, val_patients=4):
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "command": "python experiments/vae_effect.py ...", "folds_patients": folds, "steps": steps,
-        "overrides": overrides,
+        "val_patients": val_patients, "overrides": overrides,
         "arms": {"dlvae_cnn": {"slice_accuracy": 0.8, "per_patient": {p: {"dice": v} for p, v in dice.items()}}}}))
 
 
@@ -93,6 +93,13 @@ def test_recipe_pairs_the_same_patients_and_refuses_other_folds(tmp_path):
     got = json.loads((out / "st.json").read_text())
     assert got["comparisons"][0]["mean_diff"] == pytest.approx(d.mean())
     assert got["rows"][0]["label"].endswith("600 steps") and got["rows"][1]["label"].endswith("300 steps")
+    # Folds that held back no validation patients trained on more: the labels say so.
+    _write_cv(tmp_path / "e.json", folds, new, ["data.image_size=64"], val_patients=0)
+    assert recipe.main([f"{tmp_path / 'a.json'}:dlvae_cnn", f"{tmp_path / 'e.json'}:dlvae_cnn", "--out", str(out),
+                        "--name", "nv", "--bootstrap", "500"]) == 0
+    labels = [r["label"] for r in json.loads((out / "nv.json").read_text())["rows"]]
+    assert labels[0].endswith("4 validation patients per fold")
+    assert labels[1].endswith("no validation patients (last checkpoint)")
 
 
 def test_recipe_reads_the_nested_figures_of_a_volume_rule_json(tmp_path):
