@@ -20,6 +20,10 @@ Two figures per share come out, and they answer different questions:
   it is paired per patient against no removal.
 
     python experiments/volume_rule.py --runs workdir/cv_missing --arm dlvae_cnn --out experiments/results/cv_missing
+
+Several --runs folders made with the same folds score an ensemble: each fold's
+models (one per folder, none of which saw the fold's test patients) have
+their tumor probabilities averaged per pixel and per slice before the rule.
 """
 
 from __future__ import annotations
@@ -60,6 +64,21 @@ def predict_fold(workdir: Path, split: str = "test") -> tuple[dict, int]:
             pred["min_component"])
 
 
+def average_predictions(members: list[dict]) -> dict:
+    """The ensemble of several models' `predict_fold` outputs for the same patients: per-pixel and per-slice
+    tumor probabilities averaged; refuses members that disagree on the patients or their truth."""
+    first = members[0]
+    for m in members[1:]:
+        if sorted(m) != sorted(first):
+            raise SystemExit("volume_rule: the --runs folders predict different test patients; make them with "
+                             "the same --folds and --seed")
+        for q in first:
+            if not np.array_equal(m[q][2], first[q][2]):
+                raise SystemExit(f"volume_rule: patient {q}: the --runs folders disagree on its slices or masks")
+    return {q: (np.mean([m[q][0] for m in members], axis=0), np.mean([m[q][1] for m in members], axis=0),
+                first[q][2]) for q in first}
+
+
 def score_patient(pred: tuple, share: float, presence: str, min_component: int = 0) -> tuple[float, np.ndarray]:
     """(Dice of the patient's volume, per slice whether its tumor call is right)."""
     from dlvae_jax.metrics import decide
@@ -84,7 +103,8 @@ def _pick(scores: dict, folds: list[str]) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The 3D component rule (eval.min_volume_share), chosen by "
                                             "cross-validation over patients.")
-    p.add_argument("--runs", type=Path, required=True, help="vae_effect.py --runs folder")
+    p.add_argument("--runs", type=Path, nargs="+", required=True,
+                   help="vae_effect.py --runs folder; several (same folds) score the ensemble of their models")
     p.add_argument("--arm", default="dlvae_cnn")
     p.add_argument("--presence", choices=("class", "mask"), default="mask",
                    help="the slice rule the shares are applied under (default: mask, the cpu recipe's)")
@@ -94,15 +114,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--name", default="volume_rule", help="file stem of the report (<name>.md, <name>.json)")
     args = p.parse_args(argv)
-    folds = sorted(d for d in args.runs.glob(f"fold*/{args.arm}") if (d / "checkpoints").is_dir())
-    if not folds:
-        p.error(f"--runs {args.runs}: no fold*/{args.arm} runs with checkpoints (run experiments/vae_effect.py)")
+    members = []
+    for runs in args.runs:
+        found = {d.parent.name: d for d in runs.glob(f"fold*/{args.arm}") if (d / "checkpoints").is_dir()}
+        if not found:
+            p.error(f"--runs {runs}: no fold*/{args.arm} runs with checkpoints (run experiments/vae_effect.py)")
+        members.append(found)
+    if any(sorted(m) != sorted(members[0]) for m in members):
+        p.error("--runs: the folders hold different folds")
+    folds = [[m[f] for m in members] for f in sorted(members[0])]
     ve = _vae_effect()
     scores: dict[str, dict] = {}
     used_min: set[int] = set()
-    for wd in folds:
-        fold = wd.parent.name
-        preds, min_component = predict_fold(wd)
+    for wds in folds:
+        fold = wds[0].parent.name
+        out = [predict_fold(wd) for wd in wds]
+        preds = average_predictions([o[0] for o in out]) if len(out) > 1 else out[0][0]
+        min_component = out[0][1]
         if args.min_component is not None:
             min_component = args.min_component
         used_min.add(min_component)
@@ -133,7 +161,7 @@ def main(argv=None) -> int:
     nested_dice, none_dice = np.array(nested_dice), np.array(none_dice)
     nested_right = np.concatenate(nested_right)
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "runs": str(args.runs),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "runs": [str(r) for r in args.runs],
         "arm": args.arm, "presence": args.presence, "min_component": sorted(used_min), "shares": {str(s): v for s, v in table.items()},
         "chosen_on_all_folds": chosen_all, "nested_choice": nested,
         "nested": {"dice": ve.summary(nested_dice), "accuracy": float(nested_right.mean()),
@@ -144,9 +172,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{args.name}.json", json_safe(result))
     n = result["nested"]
+    runs_text = (f"`{args.runs[0]}`" if len(args.runs) == 1 else
+                 "the ensemble of " + " and ".join(f"`{r}`" for r in args.runs) + " (probabilities averaged)")
     lines = ["# The 3D component rule, chosen by cross-validation over patients", "", "Made by:", "", "```",
              result["command"], "```", "",
-             f"Out-of-fold predictions of `{args.runs}` ({len(names)} folds, arm `{args.arm}`, presence rule "
+             f"Out-of-fold predictions of {runs_text} ({len(names)} folds, arm `{args.arm}`, presence rule "
              f"`{args.presence}`, single passes, 2D components under "
              f"{'/'.join(str(m) for m in sorted(used_min))} pixels removed first): every patient scored once "
              "by the fold model that never saw it. "

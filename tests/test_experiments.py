@@ -158,3 +158,19 @@ def test_volume_rule_scores_by_hand_and_picks_a_fold_share_on_the_other_folds_on
     assert vr._pick(scores, ["a", "b", "c"]) == 0.5
     tie = {"a": {s: {"dice": {"p": 0.7}, "right": np.array([True])} for s in vr.SHARES}}
     assert vr._pick(tie, ["a"]) == 0.0  # a tie goes to the smaller share
+
+
+def test_volume_rule_ensemble_averages_members_and_refuses_other_patients():
+    vr = _volume_rule()
+    rng = np.random.default_rng(0)
+    truth = rng.random((3, 4, 4)) > 0.5
+    a = {"P1": (rng.random((3, 4, 4)).astype(np.float32), rng.random(3).astype(np.float32), truth)}
+    b = {"P1": (rng.random((3, 4, 4)).astype(np.float32), rng.random(3).astype(np.float32), truth)}
+    prob, tumor_prob, got_truth = vr.average_predictions([a, b])["P1"]
+    np.testing.assert_allclose(prob, (a["P1"][0] + b["P1"][0]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(tumor_prob, (a["P1"][1] + b["P1"][1]) / 2, rtol=1e-6)
+    assert np.array_equal(got_truth, truth)
+    with pytest.raises(SystemExit, match="different test patients"):
+        vr.average_predictions([a, {"P2": b["P1"]}])
+    with pytest.raises(SystemExit, match="P1"):
+        vr.average_predictions([a, {"P1": (b["P1"][0], b["P1"][1], ~truth)}])
