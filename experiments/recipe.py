@@ -88,6 +88,8 @@ def load(spec: str) -> dict:
     if rule is not None:
         dice, accuracy = rule["nested"]["per_patient"], rule["nested"]["accuracy"]
         label += f", presence {rule['presence']} + 3D rule (nested)"
+        if isinstance(rule.get("runs"), list) and len(rule["runs"]) > 1:
+            label += ", ensemble of " + " + ".join(rule["runs"])
     commands = [result.get("command", "")] + ([rule["command"]] if rule is not None else [])
     return {"label": label, "file": str(path), "arm": arm, "overrides": overrides,
             "folds_patients": result["folds_patients"], "steps": result.get("steps"),

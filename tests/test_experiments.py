@@ -124,6 +124,14 @@ def test_recipe_reads_the_nested_figures_of_a_volume_rule_json(tmp_path):
     assert c["mean_diff"] == pytest.approx(np.mean([nested[p] - base[p] for p in base]))
     assert (c["wins"], c["losses"], c["ties"]) == (2, 1, 1)
     assert got["rows"][1]["slice_accuracy"] == 0.93 and "3D rule (nested)" in got["rows"][1]["label"]
+    # An ensemble's figures (several --runs folders) say so in their label.
+    (tmp_path / "b" / "ens.json").write_text(json.dumps({
+        "arm": "dlvae_cnn", "presence": "mask", "runs": ["w/one", "w/two"], "command": "python ...",
+        "nested": {"per_patient": nested, "accuracy": 0.93}}))
+    assert recipe.main([f"{tmp_path / 'b' / 'volume_rule.json'}:dlvae_cnn", f"{tmp_path / 'b' / 'ens.json'}:dlvae_cnn",
+                        "--out", str(out), "--name", "ens", "--bootstrap", "500"]) == 0
+    labels = [r["label"] for r in json.loads((out / "ens.json").read_text())["rows"]]
+    assert "ensemble" not in labels[0] and labels[1].endswith("ensemble of w/one + w/two")
     with pytest.raises(SystemExit, match="arm"):
         recipe.main([f"{tmp_path / 'b' / 'volume_rule.json'}:unet", "--out", str(out)])
     (tmp_path / "b" / "vae_effect.json").unlink()
