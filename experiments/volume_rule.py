@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     for wds in folds:
         fold = wds[0].parent.name
         out = [predict_fold(wd) for wd in wds]
-        preds = average_predictions([o[0] for o in out]) if len(out) > 1 else out[0][0]
+        preds = average_predictions([o[0] for o in out])  # one member: its own predictions
         min_component = out[0][1]
         if args.min_component is not None:
             min_component = args.min_component
