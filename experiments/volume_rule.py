@@ -100,6 +100,20 @@ def _pick(scores: dict, folds: list[str]) -> float:
     return max(SHARES, key=lambda s: (round(crit(s), 12), -s))
 
 
+def fold_runs(parser: argparse.ArgumentParser, runs: list[Path], arm: str) -> list[dict[str, Path]]:
+    """Per --runs folder, {fold name: the arm's run folder}; a parser error when a folder has no trained folds
+    or the folders hold different folds."""
+    members = []
+    for folder in runs:
+        found = {d.parent.name: d for d in folder.glob(f"fold*/{arm}") if (d / "checkpoints").is_dir()}
+        if not found:
+            parser.error(f"--runs {folder}: no fold*/{arm} runs with checkpoints (run experiments/vae_effect.py)")
+        members.append(found)
+    if any(sorted(m) != sorted(members[0]) for m in members):
+        parser.error("--runs: the folders hold different folds")
+    return members
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The 3D component rule (eval.min_volume_share), chosen by "
                                             "cross-validation over patients.")
@@ -114,14 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--name", default="volume_rule", help="file stem of the report (<name>.md, <name>.json)")
     args = p.parse_args(argv)
-    members = []
-    for runs in args.runs:
-        found = {d.parent.name: d for d in runs.glob(f"fold*/{args.arm}") if (d / "checkpoints").is_dir()}
-        if not found:
-            p.error(f"--runs {runs}: no fold*/{args.arm} runs with checkpoints (run experiments/vae_effect.py)")
-        members.append(found)
-    if any(sorted(m) != sorted(members[0]) for m in members):
-        p.error("--runs: the folders hold different folds")
+    members = fold_runs(p, args.runs, args.arm)
     folds = [[m[f] for m in members] for f in sorted(members[0])]
     ve = _vae_effect()
     scores: dict[str, dict] = {}

@@ -182,3 +182,47 @@ def test_volume_rule_ensemble_averages_members_and_refuses_other_patients():
         vr.average_predictions([a, {"P2": b["P1"]}])
     with pytest.raises(SystemExit, match="P1"):
         vr.average_predictions([a, {"P1": (b["P1"][0], b["P1"][1], ~truth)}])
+
+
+def _postprocess_search():
+    spec = importlib.util.spec_from_file_location("postprocess_search", _PATH.with_name("postprocess_search.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_postprocess_search_transforms_by_hand():
+    ps = _postprocess_search()
+    prob = np.zeros((3, 7, 7), np.float32)
+    prob[1, 1:4, 1:4] = 0.9   # the confident core
+    prob[1, 2, 2] = 0.1       # a hole in it
+    prob[0, 2, 2] = 0.35      # a faint edge slice touching the core (26-connected)
+    prob[2, 6, 6] = 0.35      # faint, and touching nothing confident
+    np.testing.assert_array_equal(ps.transform(prob, "threshold:0.3"), prob >= 0.3)
+    hyst = ps.transform(prob, "hysteresis:0.3")
+    expected = prob >= 0.5
+    expected[0, 2, 2] = True  # joins the core; slice 2's faint pixel does not
+    np.testing.assert_array_equal(hyst, expected)
+    filled = ps.transform(prob, "fill")
+    assert filled[1, 2, 2] == 1.0 and filled.sum() == 9
+    smooth = ps.transform(prob, "smooth:0.2")
+    # middle slice: 0.6 p[1] + 0.2 (p[0] + p[2]); first slice repeats itself as its missing neighbour
+    assert smooth[1, 2, 2] == pytest.approx(0.6 * 0.1 + 0.2 * 0.35)
+    assert smooth[0, 2, 2] == pytest.approx(0.6 * 0.35 + 0.2 * (0.35 + 0.1))
+    with pytest.raises(ValueError, match="unknown candidate"):
+        ps.transform(prob, "dilate:1")
+
+
+def test_postprocess_search_nested_pick_never_uses_the_fold_itself():
+    ps = _postprocess_search()
+    keys = [("threshold:0.5", 0.0), ("fill", 0.0)]
+
+    def fold(name, dice):  # one patient per fold, every slice right: only Dice decides
+        return {k: {"dice": {name: d}, "right": np.array([True])} for k, d in zip(keys, dice)}
+    scores = {"a": fold("A", (0.5, 0.9)), "b": fold("B", (0.5, 0.9)), "c": fold("C", (0.6, 0.5))}
+    picks, dice, right = ps.nested(scores, keys)
+    # c's own best (threshold) loses on a + b, so c gets fill; a and b each see fill win on the other two
+    assert picks == {"a": keys[1], "b": keys[1], "c": keys[1]}
+    assert dice == {"A": 0.9, "B": 0.9, "C": 0.5} and right.tolist() == [True, True, True]
+    tie = {"a": {k: {"dice": {"p": 0.7}, "right": np.array([True])} for k in keys}}
+    assert ps.pick(tie, ["a"], keys) == keys[0]  # a tie goes to the earlier key
