@@ -73,6 +73,21 @@ def transform(prob_DxHxW: np.ndarray, candidate: str) -> np.ndarray:
     raise ValueError(f"unknown candidate {candidate!r}")
 
 
+def error_breakdown(masks_DxHxW: np.ndarray, truth_DxHxW: np.ndarray) -> dict:
+    """Where one patient's decided masks err: voxel counts of true positives, false positives and false
+    negatives, the false negatives on tumor slices where nothing was predicted, the number of such missed
+    slices and how many of them lie within one slice of either end of the true tumor's slice range."""
+    tumor_slices = np.flatnonzero(truth_DxHxW.any(axis=(1, 2)))
+    missed = [z for z in tumor_slices if not masks_DxHxW[z].any()]
+    return {
+        "tp": int((masks_DxHxW & truth_DxHxW).sum()), "fp": int((masks_DxHxW & ~truth_DxHxW).sum()),
+        "fn": int((~masks_DxHxW & truth_DxHxW).sum()),
+        "fn_on_missed_slices": int(sum(truth_DxHxW[z].sum() for z in missed)),
+        "missed_slices": len(missed),
+        "missed_at_ends": int(sum(min(z - tumor_slices[0], tumor_slices[-1] - z) <= 1 for z in missed)),
+    }
+
+
 def pick(scores: dict, folds: list[str], keys: list) -> tuple:
     """The (candidate, share) of `keys` with the highest mean Dice per volume plus slice accuracy over `folds`;
     ties go to the earlier key."""
@@ -93,6 +108,18 @@ def nested(scores: dict, keys: list) -> tuple[dict, dict, np.ndarray]:
         dice.update(scores[f][k]["dice"])
         right.append(scores[f][k]["right"])
     return picks, dice, np.concatenate(right)
+
+
+def rows_dice(scores: dict, folds: list[str], key: tuple) -> dict:
+    """{patient: Dice} of one (candidate, share) over `folds`."""
+    return {q: d for f in folds for q, d in scores[f][key]["dice"].items()}
+
+
+def _decided(pred: tuple, share: float) -> np.ndarray:
+    from dlvae_jax.metrics import decide
+
+    prob, tumor_prob, _ = pred
+    return decide({"prob_BxHxW": prob, "tumor_prob_B": tumor_prob}, len(prob), prob.shape[1:], 0, "mask", share)[0]
 
 
 def main(argv=None) -> int:
@@ -118,6 +145,8 @@ def main(argv=None) -> int:
                 per = {q: vr.score_patient(v, s, "mask") for q, v in maps.items()}
                 scores[fold][(c, s)] = {"dice": {q: d for q, (d, _) in per.items()},
                                         "right": np.concatenate([ok for _, ok in per.values()])}
+                if c == BASELINE:
+                    scores[fold][(c, s)]["errors"] = {q: error_breakdown(_decided(v, s), v[2]) for q, v in maps.items()}
         print(f"{fold}: {len(preds)} test patients scored", flush=True)
     names = sorted(scores)
     rows = {}
@@ -126,6 +155,9 @@ def main(argv=None) -> int:
         dice = np.array([d for f in names for d in scores[f][(c, s)]["dice"].values()])
         right = np.concatenate([scores[f][(c, s)]["right"] for f in names])
         rows[c] = {"share": s, "dice": ve.summary(dice), "accuracy": float(right.mean())}
+    base_share = rows[BASELINE]["share"]
+    errors = {q: e for f in names for q, e in scores[f][(BASELINE, base_share)]["errors"].items()}
+    pooled = {k: sum(e[k] for e in errors.values()) for k in next(iter(errors.values()))}
     base_picks, base_dice, base_right = nested(scores, [k for k in keys if k[0] == BASELINE])
     all_picks, all_dice, all_right = nested(scores, keys)
     patients = sorted(base_dice)
@@ -138,6 +170,7 @@ def main(argv=None) -> int:
         "nested_search": {"picks": {f: list(k) for f, k in all_picks.items()}, "dice": ve.summary(a),
                           "accuracy": float(all_right.mean()), "per_patient": all_dice},
         "search_minus_shares_only": ve.paired_stats(a, b, 10000, args.seed),
+        "errors": {"rule": [BASELINE, base_share], "pooled": pooled, "per_patient": errors},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{args.name}.json", json_safe(result))
@@ -162,6 +195,23 @@ def main(argv=None) -> int:
               f"(sd {nall['dice']['sd']:.3f}), slice accuracy {nall['accuracy']:.3f}**; paired against shares only "
               f"{d['mean_diff']:+.3f} (bootstrap 95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), better on "
               f"{d['wins']}, worse on {d['losses']}, Wilcoxon p {d['wilcoxon_p']:.2g}.", ""]
+    worst = sorted(errors, key=lambda q: rows_dice(scores, names, (BASELINE, base_share))[q])
+    lines += [f"## Where `{BASELINE}` with share {base_share:g} errs", "",
+              f"Pooled over the {len(errors)} patients: pixel precision "
+              f"{pooled['tp'] / max(pooled['tp'] + pooled['fp'], 1):.3f}, recall "
+              f"{pooled['tp'] / max(pooled['tp'] + pooled['fn'], 1):.3f}; {pooled['missed_slices']} tumor slices "
+              f"had nothing predicted ({pooled['missed_at_ends']} of them within one slice of an end of their "
+              f"tumor), holding {pooled['fn_on_missed_slices'] / max(pooled['fn'], 1):.2f} of the missed tumor "
+              "voxels.", "",
+              "| patient | Dice | precision | recall | missed slices (at an end) | share of missed voxels on them |",
+              "|---|---|---|---|---|---|"]
+    dice_base = rows_dice(scores, names, (BASELINE, base_share))
+    for q in worst:
+        e = errors[q]
+        lines.append(f"| {q} | {dice_base[q]:.3f} | {e['tp'] / max(e['tp'] + e['fp'], 1):.3f} | "
+                     f"{e['tp'] / max(e['tp'] + e['fn'], 1):.3f} | {e['missed_slices']} ({e['missed_at_ends']}) | "
+                     f"{e['fn_on_missed_slices'] / max(e['fn'], 1):.2f} |")
+    lines.append("")
     write_text(args.out / f"{args.name}.md", "\n".join(lines))
     print(f"nested shares only {ns['dice']['mean']:.3f} / {ns['accuracy']:.3f}; nested search "
           f"{nall['dice']['mean']:.3f} / {nall['accuracy']:.3f}; difference {d['mean_diff']:+.3f} "

@@ -226,3 +226,18 @@ def test_postprocess_search_nested_pick_never_uses_the_fold_itself():
     assert dice == {"A": 0.9, "B": 0.9, "C": 0.5} and right.tolist() == [True, True, True]
     tie = {"a": {k: {"dice": {"p": 0.7}, "right": np.array([True])} for k in keys}}
     assert ps.pick(tie, ["a"], keys) == keys[0]  # a tie goes to the earlier key
+
+
+def test_postprocess_search_error_breakdown_by_hand():
+    ps = _postprocess_search()
+    truth = np.zeros((7, 4, 4), bool)
+    truth[0:6, 1:3, 1:3] = True            # a tumor on slices 0-5, 4 voxels each
+    pred = truth.copy()
+    pred[0] = False                        # its first slice missed entirely (an end)
+    pred[2, 1, 1] = False                  # one voxel missed on a slice that is found
+    pred[6, 0, 0] = True                   # one false positive on an empty slice
+    e = ps.error_breakdown(pred, truth)
+    assert e == {"tp": 19, "fp": 1, "fn": 5, "fn_on_missed_slices": 4, "missed_slices": 1, "missed_at_ends": 1}
+    pred[1:3] = False                      # slices 1 and 2 too: slice 2 is two from the nearer end
+    e = ps.error_breakdown(pred, truth)
+    assert (e["missed_slices"], e["missed_at_ends"], e["fn_on_missed_slices"]) == (3, 2, 12)
