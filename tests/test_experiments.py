@@ -139,15 +139,16 @@ def test_recipe_reads_the_nested_figures_of_a_volume_rule_json(tmp_path):
         recipe.main([f"{tmp_path / 'b' / 'volume_rule.json'}:dlvae_cnn", "--out", str(out)])
 
 
-def _volume_rule():
-    spec = importlib.util.spec_from_file_location("volume_rule", _PATH.with_name("volume_rule.py"))
+def _script(name: str):
+    """An experiments/ script, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, _PATH.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_volume_rule_scores_by_hand_and_picks_a_fold_share_on_the_other_folds_only():
-    vr = _volume_rule()
+    vr = _script("volume_rule")
     # One patient, 3 slices of 6x6: a 2x2x2 tumor predicted exactly, plus a stray pixel on slice 2.
     truth = np.zeros((3, 6, 6), bool)
     truth[0:2, 1:3, 1:3] = True
@@ -169,7 +170,7 @@ def test_volume_rule_scores_by_hand_and_picks_a_fold_share_on_the_other_folds_on
 
 
 def test_volume_rule_ensemble_averages_members_and_refuses_other_patients():
-    vr = _volume_rule()
+    vr = _script("volume_rule")
     rng = np.random.default_rng(0)
     truth = rng.random((3, 4, 4)) > 0.5
     a = {"P1": (rng.random((3, 4, 4)).astype(np.float32), rng.random(3).astype(np.float32), truth)}
@@ -184,15 +185,8 @@ def test_volume_rule_ensemble_averages_members_and_refuses_other_patients():
         vr.average_predictions([a, {"P1": (b["P1"][0], b["P1"][1], ~truth)}])
 
 
-def _postprocess_search():
-    spec = importlib.util.spec_from_file_location("postprocess_search", _PATH.with_name("postprocess_search.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_postprocess_search_transforms_by_hand():
-    ps = _postprocess_search()
+    ps = _script("postprocess_search")
     prob = np.zeros((3, 7, 7), np.float32)
     prob[1, 1:4, 1:4] = 0.9   # the confident core
     prob[1, 2, 2] = 0.1       # a hole in it
@@ -214,7 +208,7 @@ def test_postprocess_search_transforms_by_hand():
 
 
 def test_postprocess_search_nested_pick_never_uses_the_fold_itself():
-    ps = _postprocess_search()
+    ps = _script("postprocess_search")
     keys = [("threshold:0.5", 0.0), ("fill", 0.0)]
 
     def fold(name, dice):  # one patient per fold, every slice right: only Dice decides
@@ -229,7 +223,7 @@ def test_postprocess_search_nested_pick_never_uses_the_fold_itself():
 
 
 def test_postprocess_search_error_breakdown_by_hand():
-    ps = _postprocess_search()
+    ps = _script("postprocess_search")
     truth = np.zeros((7, 4, 4), bool)
     truth[0:6, 1:3, 1:3] = True            # a tumor on slices 0-5, 4 voxels each
     pred = truth.copy()
