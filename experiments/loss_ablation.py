@@ -119,6 +119,9 @@ def run(args) -> dict:
         cfg.augment.p_missing_sequence = 0.0  # as the ablation was measured, before the `cpu` config added it
     if "eval.min_volume_share" not in named:
         cfg.eval.min_volume_share = 0.0  # likewise for the 3D component rule
+    for key, value in (("max_rotate_deg", 10.0), ("max_scale", 0.1)):
+        if f"augment.{key}" not in named:
+            cfg.augment[key] = value  # likewise for the wider rotations and scaling
     cfg.data.data_dir = str(args.data_dir)
     cfg.train.steps = int(args.steps)
     cfg.train.seed = int(args.seed)

@@ -104,6 +104,9 @@ def cell_config(model: str, seed: int, steps: int, data_dir: Path, split_seed: i
         cfg.augment.p_missing_sequence = 0.0  # as the tables were measured, before the `cpu` config added it
     if "eval.min_volume_share" not in named:
         cfg.eval.min_volume_share = 0.0  # likewise for the 3D component rule
+    for key, value in (("max_rotate_deg", 10.0), ("max_scale", 0.1)):
+        if f"augment.{key}" not in named:
+            cfg.augment[key] = value  # likewise for the wider rotations and scaling
     if "data.image_size" not in named:
         cfg.data.image_size = 128  # the tables were measured at 128x128, before the `cpu` config chose 64x64
     cfg.data.data_dir = str(data_dir)

@@ -33,6 +33,25 @@ def test_every_patient_is_tested_once_and_never_trained_on_in_its_fold():
         assert s0["train"] == sorted(set(patients) - set(folds[i]))
 
 
+def test_recorded_cv_commands_keep_the_augmentation_they_ran_with(tmp_path):
+    """The `cpu` config widened its rotations and scaling after earlier cross-validations; their recorded
+    commands (no --set for them) still resolve to 10 degrees and 10%, and an explicit --set wins."""
+    from argparse import Namespace
+
+    from dlvae_jax import configs
+
+    assert (configs.load("cpu").augment.max_rotate_deg, configs.load("cpu").augment.max_scale) == (20.0, 0.2)
+    for name in ("unet", "cnn", "vgg16", "dcnn"):  # the baselines as they were measured
+        assert (configs.load(name).augment.max_rotate_deg, configs.load(name).augment.max_scale) == (10.0, 0.1)
+    args = Namespace(set=[], data_dir=tmp_path, seed=0, steps=30)
+    for arm in ("dlvae_cnn", "no_vae"):
+        cfg = vae_effect.arm_config(arm, args, 0)
+        assert (cfg.augment.max_rotate_deg, cfg.augment.max_scale) == (10.0, 0.1)
+    args.set = ["augment.max_rotate_deg=20", "augment.max_scale=0.2"]
+    cfg = vae_effect.arm_config("dlvae_cnn", args, 0)
+    assert (cfg.augment.max_rotate_deg, cfg.augment.max_scale) == (20.0, 0.2)
+
+
 def test_paired_stats_by_hand_and_against_scipy():
     a = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     b = np.array([0.8, 0.8, 0.5, 0.7, 0.2, 0.1])
