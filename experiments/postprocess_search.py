@@ -115,13 +115,6 @@ def rows_dice(scores: dict, folds: list[str], key: tuple) -> dict:
     return {q: d for f in folds for q, d in scores[f][key]["dice"].items()}
 
 
-def _decided(pred: tuple, share: float) -> np.ndarray:
-    from dlvae_jax.metrics import decide
-
-    prob, tumor_prob, _ = pred
-    return decide({"prob_BxHxW": prob, "tumor_prob_B": tumor_prob}, len(prob), prob.shape[1:], 0, "mask", share)[0]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Post-processing candidates (threshold, 3D hysteresis, inter-slice "
                                             "smoothing, hole filling) x the 3D component rule, nested CV.")
@@ -142,11 +135,11 @@ def main(argv=None) -> int:
         for c in CANDIDATES:
             maps = {q: (transform(prob, c), tp, truth) for q, (prob, tp, truth) in preds.items()}
             for s in vr.SHARES:
-                per = {q: vr.score_patient(v, s, "mask") for q, v in maps.items()}
-                scores[fold][(c, s)] = {"dice": {q: d for q, (d, _) in per.items()},
-                                        "right": np.concatenate([ok for _, ok in per.values()])}
+                per = {q: vr.score_patient(v, s, "mask", return_masks=True) for q, v in maps.items()}
+                scores[fold][(c, s)] = {"dice": {q: r[0] for q, r in per.items()},
+                                        "right": np.concatenate([r[1] for r in per.values()])}
                 if c == BASELINE:
-                    scores[fold][(c, s)]["errors"] = {q: error_breakdown(_decided(v, s), v[2]) for q, v in maps.items()}
+                    scores[fold][(c, s)]["errors"] = {q: error_breakdown(r[2], maps[q][2]) for q, r in per.items()}
         print(f"{fold}: {len(preds)} test patients scored", flush=True)
     names = sorted(scores)
     rows = {}

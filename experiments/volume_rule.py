@@ -79,8 +79,10 @@ def average_predictions(members: list[dict]) -> dict:
                 first[q][2]) for q in first}
 
 
-def score_patient(pred: tuple, share: float, presence: str, min_component: int = 0) -> tuple[float, np.ndarray]:
-    """(Dice of the patient's volume, per slice whether its tumor call is right)."""
+def score_patient(pred: tuple, share: float, presence: str, min_component: int = 0,
+                  return_masks: bool = False) -> tuple:
+    """(Dice of the patient's volume, per slice whether its tumor call is right), and with `return_masks` the
+    decided masks bool [D, H, W] as a third item."""
     from dlvae_jax.metrics import decide
 
     prob, tumor_prob, truth = pred
@@ -88,7 +90,8 @@ def score_patient(pred: tuple, share: float, presence: str, min_component: int =
                            min_component, presence, share)
     total = masks.sum() + truth.sum()
     dice = 1.0 if total == 0 else 2.0 * float((masks & truth).sum()) / float(total)
-    return dice, labels == truth.any(axis=(1, 2))
+    right = labels == truth.any(axis=(1, 2))
+    return (dice, right, masks) if return_masks else (dice, right)
 
 
 def _pick(scores: dict, folds: list[str]) -> float:
